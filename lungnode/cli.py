@@ -1,0 +1,40 @@
+"""The `lungnode` console command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from lungnode.config import dump_yaml, get_settings
+
+    sys.stdout.write(dump_yaml(get_settings()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungnode", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="print the effective settings (YAML + environment)")
+    p.set_defaults(func=_cmd_config)
+
+    from lungnode.training.cli import register as register_train
+
+    register_train(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""All settings in one place: defaults < configs/lungnode.yaml < LUNGNODE_* environment variables."""
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "lungnode.yaml"
+_AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+class DicomPeer(BaseModel):
+    """A remote DICOM application entity, written `AET@host:port`."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "DicomPeer":
+        m = _AE_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"expected AET@host:port (for example ORTHANC@10.0.0.5:4242), got {text!r}")
+        return cls(ae_title=m["aet"], host=m["host"], port=int(m["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """lungnode settings. Every field can be set as LUNGNODE_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LUNGNODE_", extra="ignore")
+
+    ae_title: str = "LUNGNODE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    data_dir: Path = Path("var")
+    allowed_callers: Annotated[list[str], NoDecode] = []
+    pacs: Annotated[DicomPeer | None, NoDecode] = None
+    orthanc_url: str | None = None
+    stable_seconds: float = 30.0
+    # Series selection: what a chest CT series must look like to be read.
+    min_slices: int = 40
+    max_slice_spacing_mm: float = 3.0
+    max_pixel_spacing_mm: float = 1.5
+    # Detection.
+    model: str = "default"
+    backend: str = "onnxruntime"  # or "torch" (for comparison)
+    threads: int = 0  # 0 = all cores
+    # Delivery of results.
+    send_retry_first_seconds: float = 5.0
+    send_retry_max_seconds: float = 600.0
+    poll_seconds: float = 0.5
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, v: str) -> str:
+        v = v.strip()
+        if not 1 <= len(v) <= 16 or "\\" in v:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return v
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _split_callers(cls, v: Any) -> list[str]:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return [str(p).strip() for p in v if str(p).strip()]
+
+    @field_validator("pacs", mode="before")
+    @classmethod
+    def _parse_pacs(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if isinstance(v, str):
+            return DicomPeer.parse(v)
+        return v
+
+    @field_validator("orthanc_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = Path(os.environ.get("LUNGNODE_CONFIG", DEFAULT_CONFIG))
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=path if path.is_file() else None)
+        return (init_settings, env_settings, yaml_source)
+
+    # Derived locations under data_dir.
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "lungnode.sqlite3"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def dump_yaml(settings: Settings) -> str:
+    """The effective settings, for `lungnode config`."""
+    data = settings.model_dump(mode="json")
+    data["pacs"] = str(settings.pacs) if settings.pacs else None
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,13 @@
+"""`lungnode train ...`: the ML engineer's commands. Each training module adds its own subcommand."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="make data, train, evaluate and export detection models")
+    tsub = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
+    from lungnode.training import export, fit, synth
+
+    for module in (synth, fit, export):
+        module.add_command(tsub)
