@@ -19,6 +19,7 @@ class SliceRef:
     sop_class_uid: str
     path: Path
     position_mm: tuple[float, float, float]  # ImagePositionPatient
+    frame_number: int | None = None  # set for a frame of a multi-frame (Enhanced CT) instance
 
 
 @dataclass

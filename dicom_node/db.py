@@ -1,0 +1,307 @@
+"""Job state in SQLite: received instances, the study state machine, and the results outbox.
+
+Study states: receiving -> queued (quiet for stable_seconds) -> processing -> done | not_processed | failed.
+An instance that arrives later sends the study back to receiving; it is processed again as a new version.
+The instance files are the source of truth: `reconcile` re-indexes any file the index lost.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies(
+  study_uid TEXT PRIMARY KEY,
+  patient_id TEXT, patient_name TEXT, accession TEXT, study_date TEXT, description TEXT,
+  first_received REAL NOT NULL, last_received REAL NOT NULL,
+  state TEXT NOT NULL,
+  version INTEGER NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  reason TEXT, processed_at REAL, series_uid TEXT, model TEXT, findings INTEGER, seconds REAL
+);
+CREATE TABLE IF NOT EXISTS instances(
+  sop_uid TEXT PRIMARY KEY,
+  study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, sop_class_uid TEXT,
+  path TEXT NOT NULL, digest TEXT, size INTEGER, caller TEXT, received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS deliveries(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  study_uid TEXT NOT NULL, version INTEGER NOT NULL, destination TEXT NOT NULL, path TEXT NOT NULL,
+  state TEXT NOT NULL DEFAULT 'pending',
+  attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL, last_error TEXT,
+  created REAL NOT NULL, sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
+"""
+
+RECEIVING, QUEUED, PROCESSING, DONE, NOT_PROCESSED, FAILED = (
+    "receiving", "queued", "processing", "done", "not_processed", "failed")
+PENDING, SENT, SUPERSEDED = "pending", "sent", "superseded"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    path: Path
+    digest: str
+    size: int
+    caller: str
+    patient_id: str = ""
+    patient_name: str = ""
+    accession: str = ""
+    study_date: str = ""
+    description: str = ""
+
+    @classmethod
+    def from_header(cls, ds: pydicom.Dataset, path: Path, digest: str, size: int, caller: str) -> "InstanceRecord":
+        return cls(
+            sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID), path=path,
+            digest=digest, size=size, caller=caller,
+            patient_id=str(ds.get("PatientID", "")), patient_name=str(ds.get("PatientName", "")),
+            accession=str(ds.get("AccessionNumber", "")), study_date=str(ds.get("StudyDate", "")),
+            description=str(ds.get("StudyDescription", "")))
+
+
+@dataclass(frozen=True)
+class Study:
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    accession: str
+    study_date: str
+    description: str
+    first_received: float
+    last_received: float
+    state: str
+    version: int
+    attempts: int
+    reason: str | None
+    processed_at: float | None
+    series_uid: str | None
+    model: str | None
+    findings: int | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    study_uid: str
+    version: int
+    destination: str
+    path: Path
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+
+
+class JobDB:
+    """Thread-safe access to the state database (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash; after a power cut `reconcile` re-indexes files.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    # --- receiving ---------------------------------------------------------------------------
+    def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
+        """Index a stored instance. Returns False when it is an identical resend (nothing changes)."""
+        now = time.time() if now is None else now
+        with self._tx() as c:
+            row = c.execute("SELECT digest FROM instances WHERE sop_uid=?", (rec.sop_uid,)).fetchone()
+            if row is not None and row["digest"] == rec.digest:
+                return False
+            c.execute(
+                "INSERT OR REPLACE INTO instances VALUES(?,?,?,?,?,?,?,?,?)",
+                (rec.sop_uid, rec.study_uid, rec.series_uid, rec.sop_class_uid, str(rec.path),
+                 rec.digest, rec.size, rec.caller, now),
+            )
+            c.execute(
+                """INSERT INTO studies(study_uid, patient_id, patient_name, accession, study_date, description,
+                                       first_received, last_received, state)
+                   VALUES(?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received,
+                       state=excluded.state, reason=NULL""",
+                (rec.study_uid, rec.patient_id, rec.patient_name, rec.accession, rec.study_date,
+                 rec.description, now, now, RECEIVING),
+            )
+            return True
+
+    def known_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT path FROM instances")}
+
+    def instance_paths(self, study_uid: str) -> list[Path]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT path FROM instances WHERE study_uid=? ORDER BY path", (study_uid,)).fetchall()
+        return [Path(r[0]) for r in rows]
+
+    # --- study state machine -------------------------------------------------------------------
+    def queue_stable_studies(self, stable_seconds: float, now: float | None = None) -> list[str]:
+        """Receiving studies quiet for `stable_seconds` become queued for processing."""
+        cutoff = (time.time() if now is None else now) - stable_seconds
+        with self._tx() as c:
+            rows = c.execute("SELECT study_uid FROM studies WHERE state=? AND last_received<=?",
+                             (RECEIVING, cutoff)).fetchall()
+            for r in rows:
+                c.execute("UPDATE studies SET state=? WHERE study_uid=?", (QUEUED, r[0]))
+        return [r[0] for r in rows]
+
+    def claim_next(self) -> Study | None:
+        with self._tx() as c:
+            row = c.execute("SELECT study_uid FROM studies WHERE state=? ORDER BY last_received LIMIT 1",
+                            (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            c.execute("UPDATE studies SET state=?, attempts=attempts+1 WHERE study_uid=?",
+                      (PROCESSING, row[0]))
+        return self.study(row[0])
+
+    def finish(self, study_uid: str, state: str, *, reason: str | None, series_uid: str | None,
+               model: str | None, findings: int | None, seconds: float) -> int | None:
+        """Record a result. Returns the new results version, or None when the study was reopened
+        (more instances arrived) while it was processed, so this result is stale."""
+        with self._tx() as c:
+            row = c.execute("SELECT state, version FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] != PROCESSING:
+                return None
+            version = row["version"] + 1
+            c.execute(
+                """UPDATE studies SET state=?, version=?, reason=?, processed_at=?, series_uid=?, model=?,
+                   findings=?, seconds=?, attempts=0 WHERE study_uid=?""",
+                (state, version, reason, time.time(), series_uid, model, findings, seconds, study_uid),
+            )
+            return version
+
+    def fail(self, study_uid: str, reason: str, max_attempts: int = 3) -> None:
+        """A processing error: retry later up to `max_attempts`, then mark failed with the reason."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE studies SET state=CASE WHEN attempts>=? THEN ? ELSE ? END, reason=? "
+                "WHERE study_uid=? AND state=?",
+                (max_attempts, FAILED, QUEUED, reason, study_uid, PROCESSING),
+            )
+
+    def requeue(self, study_uid: str) -> bool:
+        """Process a study again (re-run button / API)."""
+        with self._tx() as c:
+            cur = c.execute("UPDATE studies SET state=?, attempts=0 WHERE study_uid=? AND state!=?",
+                            (QUEUED, study_uid, PROCESSING))
+            return cur.rowcount == 1
+
+    def recover_after_restart(self) -> int:
+        """Studies that were being processed when the node stopped go back to the queue."""
+        with self._tx() as c:
+            return c.execute("UPDATE studies SET state=? WHERE state=?", (QUEUED, PROCESSING)).rowcount
+
+    def study(self, study_uid: str) -> Study | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        return Study(**dict(row)) if row else None
+
+    def studies(self, limit: int = 200) -> list[Study]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM studies ORDER BY last_received DESC LIMIT ?", (limit,)).fetchall()
+        return [Study(**dict(r)) for r in rows]
+
+    # --- outbox --------------------------------------------------------------------------------
+    def add_delivery(self, study_uid: str, version: int, destination: str, path: Path) -> int:
+        """Queue results for a destination; older undelivered versions for it are superseded."""
+        now = time.time()
+        with self._tx() as c:
+            c.execute("UPDATE deliveries SET state=? WHERE study_uid=? AND destination=? AND state=?",
+                      (SUPERSEDED, study_uid, destination, PENDING))
+            cur = c.execute(
+                "INSERT INTO deliveries(study_uid, version, destination, path, next_attempt, created) "
+                "VALUES(?,?,?,?,?,?)", (study_uid, version, destination, str(path), now, now))
+            return int(cur.lastrowid)
+
+    def due_deliveries(self, now: float | None = None) -> list[Delivery]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM deliveries WHERE state=? AND next_attempt<=? ORDER BY id", (PENDING, now)
+            ).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def deliveries(self, study_uid: str) -> list[Delivery]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM deliveries WHERE study_uid=? ORDER BY id", (study_uid,)).fetchall()
+        return [_delivery(r) for r in rows]
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM deliveries WHERE state=?", (PENDING,)).fetchone()[0]
+
+    def delivery_sent(self, delivery_id: int) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE deliveries SET state=?, sent_at=?, attempts=attempts+1, last_error=NULL "
+                      "WHERE id=?", (SENT, time.time(), delivery_id))
+
+    def delivery_failed(self, delivery_id: int, error: str, retry_at: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt=? WHERE id=?",
+                      (error, retry_at, delivery_id))
+
+    def previous_sent(self, study_uid: str, destination: str, before_version: int) -> list[Delivery]:
+        """Delivered results of older versions (to remove from a PACS that allows it)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM deliveries WHERE study_uid=? AND destination=? AND state=? AND version<?",
+                (study_uid, destination, SENT, before_version)).fetchall()
+        return [_delivery(r) for r in rows]
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    d = dict(row)
+    return Delivery(id=d["id"], study_uid=d["study_uid"], version=d["version"], destination=d["destination"],
+                    path=Path(d["path"]), state=d["state"], attempts=d["attempts"],
+                    next_attempt=d["next_attempt"], last_error=d["last_error"])
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT under the DB lock; ROLLBACK on error."""
+
+    def __init__(self, db: JobDB) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db._lock.acquire()
+        self.db._conn.execute("BEGIN IMMEDIATE")
+        return self.db._conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.db._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.db._lock.release()
+
+
