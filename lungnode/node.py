@@ -1,0 +1,147 @@
+"""The running node: DICOM listener, study completion, the processing worker and the delivery queue,
+each a thread around the one job database."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+
+from lungnode.config import Settings
+from lungnode.dicom_node.completion import CompletionMonitor
+from lungnode.dicom_node.db import DONE, NOT_PROCESSED, Delivery, JobDB
+from lungnode.dicom_node.reconcile import reconcile
+from lungnode.dicom_node.scp import StorageSCP
+from lungnode.dicom_node.storage import InstanceStore
+from lungnode.inference.detector import Detector
+from lungnode.inference.series_selection import SelectionRules
+from lungnode.models.registry import load_model
+from lungnode.pipeline import process_study, results_dir_for
+from lungnode.reports.send import SendError, delete_series_from_orthanc, send_files
+
+log = logging.getLogger(__name__)
+
+
+def result_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.dcm"))
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = JobDB(settings.db_path)
+        self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
+        self.scp = StorageSCP(settings, self.store, self.db)
+        self._stop = threading.Event()
+        self.completion = CompletionMonitor(self.db, settings.stable_seconds, settings.poll_seconds, self._stop)
+        self._threads: list[threading.Thread] = []
+        self.detector: Detector | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        reconcile(self.db, self.settings.incoming_dir)
+        recovered = self.db.recover_after_restart()
+        if recovered:
+            log.warning("%d study(ies) were being processed at the last stop: queued again", recovered)
+        self.detector = Detector(load_model(self.settings.model), backend=self.settings.backend,
+                                 threads=self.settings.threads)
+        self.scp.start()
+        self._threads = [self.completion,
+                         threading.Thread(target=self._work_loop, name="worker", daemon=True),
+                         threading.Thread(target=self._send_loop, name="sender", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.completion.wake.set()
+        self.scp.stop()
+        for t in self._threads:
+            t.join(timeout=60)
+        self.db.close()
+
+    # --- processing ------------------------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            study = self.db.claim_next()
+            if study is None:
+                self.completion.wake.wait(self.settings.poll_seconds)
+                self.completion.wake.clear()
+                continue
+            try:
+                self._process(study.study_uid, study.version + 1)
+            except Exception as exc:  # one bad study must not stop the node
+                log.exception("processing study %s failed", study.study_uid)
+                self.db.fail(study.study_uid, f"{type(exc).__name__}: {exc}")
+
+    def _process(self, study_uid: str, version: int) -> None:
+        s = self.settings
+        rules = SelectionRules(s.min_slices, s.max_slice_spacing_mm, s.max_pixel_spacing_mm)
+        outcome = process_study(study_uid, self.db.instance_paths(study_uid), version, self.detector, rules,
+                                s.results_dir)
+        r = outcome.result
+        state = NOT_PROCESSED if r.not_processed_reason else DONE
+        done = self.db.finish(study_uid, state, reason=r.not_processed_reason, series_uid=r.series_instance_uid,
+                              model=f"{r.model.name} {r.model.version}", findings=len(r.detections),
+                              seconds=r.seconds)
+        if done is None:
+            log.info("study %s received more images while processing: results v%d dropped, will re-run",
+                     study_uid, version)
+            return
+        if s.pacs is not None:
+            self.db.add_delivery(study_uid, version, str(s.pacs), outcome.results_dir)
+
+    # --- delivery --------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            for delivery in self.db.due_deliveries():
+                if self._stop.is_set():
+                    break
+                self._deliver(delivery)
+            self._stop.wait(self.settings.poll_seconds)
+
+    def _deliver(self, d: Delivery) -> None:
+        s = self.settings
+        if s.pacs is None or str(s.pacs) != d.destination:
+            return  # destination no longer configured: keep it queued, untouched
+        try:
+            n = send_files(s.pacs, result_files(d.path), s.ae_title)
+        except (SendError, OSError, ValueError) as exc:
+            delay = min(s.send_retry_first_seconds * 2 ** d.attempts, s.send_retry_max_seconds)
+            self.db.delivery_failed(d.id, str(exc), time.time() + delay)
+            log.warning("delivery of study %s v%d to %s failed (attempt %d), retry in %.0f s: %s",
+                        d.study_uid, d.version, d.destination, d.attempts + 1, delay, exc)
+            return
+        self.db.delivery_sent(d.id)
+        log.info("study %s v%d: %d result object(s) stored in %s", d.study_uid, d.version, n, d.destination)
+        if s.orthanc_url:
+            self._remove_superseded(d)
+
+    def _remove_superseded(self, d: Delivery) -> None:
+        old_series = set()
+        for old in self.db.previous_sent(d.study_uid, d.destination, d.version):
+            for f in result_files(old.path):
+                old_series.add(str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID))
+        if old_series:
+            try:
+                n = delete_series_from_orthanc(self.settings.orthanc_url, sorted(old_series))
+                log.info("study %s: removed %d superseded result series from Orthanc", d.study_uid, n)
+            except Exception as exc:  # best effort: the new version is already there
+                log.warning("could not remove superseded results from Orthanc: %s", exc)
+
+    # --- actions from the API ---------------------------------------------------------------------
+    def rerun(self, study_uid: str) -> bool:
+        ok = self.db.requeue(study_uid)
+        self.completion.wake.set()
+        return ok
+
+    def resend(self, study_uid: str) -> bool:
+        study = self.db.study(study_uid)
+        if study is None or study.version == 0 or self.settings.pacs is None:
+            return False
+        path = results_dir_for(self.settings.results_dir, study_uid, study.version)
+        self.db.add_delivery(study_uid, study.version, str(self.settings.pacs), path)
+        return True

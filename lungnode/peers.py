@@ -1,0 +1,179 @@
+"""Real servers on loopback ports, started as processes: an Orthanc PACS and a lungnode node.
+
+Shared by `make demo`, `make bench` and the tests, so all three exercise the same real set-up.
+The Debian builds of Orthanc and DCMTK need TCP_NODELAY=1 in their environment, or they wait for the
+40 ms delayed ACK after every instance on loopback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (requests.RequestException, OSError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    return requests.get(url, timeout=2).ok
+
+
+class OrthancServer:
+    """A throw-away Orthanc (Debian package) with its own storage, on free loopback ports."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
+                 binary: str | None = None) -> None:
+        self.binary = binary or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(self.binary).exists():
+            raise FileNotFoundError("Orthanc is not installed: apt-get install orthanc")
+        self.workdir = workdir
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OrthancServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "lungnode-test-pacs", "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"), "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+            "StorageCompression": False,
+            "DicomModalities": {name: list(v) for name, v in self.modalities.items()},
+            "StableAge": 2, "OverwriteInstances": True, "ConcurrentJobs": 2,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=2))
+        self.log = open(self.workdir / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([self.binary, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=PEER_ENV)
+        wait_for(lambda: _http_ok(f"{self.url}/system"), 30, "Orthanc to start")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.proc:
+            self.log.close()
+
+    def __enter__(self) -> "OrthancServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- REST helpers --------------------------------------------------------------------------
+    def upload(self, paths: list[Path]) -> set[str]:
+        """Upload files; returns the Orthanc study IDs they belong to."""
+        studies = set()
+        with requests.Session() as http:
+            for p in paths:
+                r = http.post(f"{self.url}/instances", data=p.read_bytes(), timeout=30)
+                r.raise_for_status()
+                studies.add(r.json()["ParentStudy"])
+        return studies
+
+    def send_to_modality(self, modality: str, orthanc_study_id: str) -> None:
+        """What a PACS routing rule does: C-STORE the study to a configured modality."""
+        r = requests.post(f"{self.url}/modalities/{modality}/store",
+                          json={"Resources": [orthanc_study_id], "Synchronous": True}, timeout=300)
+        r.raise_for_status()
+
+    def study_id(self, study_uid: str) -> str | None:
+        r = requests.post(f"{self.url}/tools/lookup", data=study_uid, timeout=10)
+        r.raise_for_status()
+        return next((h["ID"] for h in r.json() if h["Type"] == "Study"), None)
+
+    def series_of_study(self, study_uid: str) -> list[dict]:
+        sid = self.study_id(study_uid)
+        if sid is None:
+            return []
+        return requests.get(f"{self.url}/studies/{sid}/series", timeout=10).json()
+
+    def instance_files(self, series: dict) -> list[bytes]:
+        return [requests.get(f"{self.url}/instances/{i}/file", timeout=30).content for i in series["Instances"]]
+
+
+class NodeProcess:
+    """`lungnode serve` as a real process (so tests can kill and restart it)."""
+
+    def __init__(self, data_dir: Path, **settings: str | int | float) -> None:
+        self.data_dir = data_dir
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.env = {**os.environ, "LUNGNODE_DATA_DIR": str(data_dir), "LUNGNODE_DICOM_PORT": str(self.dicom_port),
+                    "LUNGNODE_HTTP_PORT": str(self.http_port), "LUNGNODE_DICOM_HOST": "127.0.0.1"}
+        self.env.update({f"LUNGNODE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "NodeProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.data_dir / "node.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lungnode.cli", "serve"], env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lungnode exited with {self.proc.returncode}; see {self.data_dir / 'node.log'}")
+            return _http_ok(f"{self.url}/health")
+
+        wait_for(ready, timeout, "lungnode to start")
+        return self
+
+    def kill(self) -> None:
+        """Hard stop (SIGKILL), as a crash or power cut would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.proc:
+            self.log.close()
+
+    def study(self, study_uid: str) -> dict | None:
+        r = requests.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
+        return r.json() if r.ok else None
+
+    def log_text(self) -> str:
+        return (self.data_dir / "node.log").read_text(errors="replace")

@@ -1,0 +1,40 @@
+"""Shared fixtures: where the real test data is, and a small CT series written as real DICOM files."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data() -> Path | None:
+    """The real LIDC-IDRI data: $LUNGNODE_TEST_DATA, else ../shared/data beside the repository."""
+    root = Path(os.environ.get("LUNGNODE_TEST_DATA", REPO.parent / "shared" / "data"))
+    return root if (root / "LIDC-IDRI-0001").is_dir() else None
+
+
+def lidc_series(case: str) -> list[Path]:
+    root = shared_data()
+    if root is None:
+        pytest.skip("real LIDC-IDRI data not found: set LUNGNODE_TEST_DATA or put it in ../shared/data")
+    return sorted((root / case).glob("*/*.dcm"))
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        pytest.skip(f"{name} is not installed (apt-get install orthanc dcmtk dicom3tools)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_ct_series(tmp_path_factory) -> list[Path]:
+    """A small synthetic chest CT (coarse, 48 slices) as shuffled DICOM files."""
+    from lungnode.training.synth import make_phantom, write_dicom_series
+
+    phantom = make_phantom(7, spacing=(1.4, 1.4, 2.5), field_of_view_mm=(358.0, 358.0, 120.0), n_nodules=(1, 1))
+    out = tmp_path_factory.mktemp("small_ct")
+    return write_dicom_series(phantom, out, patient_id="RX-TEST", accession_number="ACC1")

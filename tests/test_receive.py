@@ -1,0 +1,167 @@
+"""The DICOM listener with real DCMTK tools and pynetdicom as senders."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from lungnode.config import Settings
+from lungnode.dicom_node.db import QUEUED, RECEIVING, JobDB
+from lungnode.dicom_node.scp import StorageSCP
+from lungnode.dicom_node.storage import InstanceStore
+from lungnode.inference.series_selection import select_series
+from lungnode.inference.volume import load_volume
+from lungnode.peers import PEER_ENV, free_port
+from tests.conftest import need_tool
+
+
+@pytest.fixture()
+def scp(tmp_path):
+    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
+                        allowed_callers=["PACS", "STORESCU"], _env_file=None)
+    settings.data_dir.mkdir()
+    db = JobDB(settings.db_path)
+    server = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), db)
+    server.start()
+    yield server
+    server.stop()
+    db.close()
+
+
+def storescu(scp: StorageSCP, files: list[Path], aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run([need_tool("storescu"), "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
+                           str(scp.settings.dicom_port), *map(str, files)], capture_output=True, text=True,
+                          env=PEER_ENV, timeout=120)
+
+
+def stored_files(scp: StorageSCP) -> list[Path]:
+    return sorted(scp.settings.incoming_dir.glob("*/*/*.dcm"))
+
+
+def test_echo_from_allowed_caller_and_unknown_caller_rejected(scp):
+    echoscu = need_tool("echoscu")
+    port = str(scp.settings.dicom_port)
+    ok = subprocess.run([echoscu, "-aet", "PACS", "-aec", "LUNGNODE", "127.0.0.1", port], capture_output=True,
+                        text=True, env=PEER_ENV)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([echoscu, "-aet", "INTRUDER", "-aec", "LUNGNODE", "127.0.0.1", port],
+                         capture_output=True, text=True, env=PEER_ENV)
+    assert bad.returncode != 0
+    assert "Rejected" in bad.stderr or "rejected" in bad.stderr.lower()
+    assert stored_files(scp) == []
+
+
+def test_storescu_series_is_stored_durably_and_indexed(scp, small_ct_series):
+    done = storescu(scp, small_ct_series)
+    assert done.returncode == 0, done.stderr
+    files = stored_files(scp)
+    assert len(files) == len(small_ct_series)
+    # Byte for byte what was sent (the data set part), and every file parses.
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).PixelData for p in small_ct_series}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.PixelData == sent[ds.SOPInstanceUID]
+    studies = scp.db.studies()
+    assert len(studies) == 1 and studies[0].state == RECEIVING
+    assert studies[0].patient_id == "RX-TEST" and studies[0].accession == "ACC1"
+    assert not list(scp.settings.incoming_dir.rglob("*.tmp"))
+
+
+def test_resend_is_idempotent_and_late_instance_reopens(scp, small_ct_series):
+    assert storescu(scp, small_ct_series).returncode == 0
+    assert scp.db.queue_stable_studies(0.0, now=time.time() + 1)  # study complete
+    assert storescu(scp, small_ct_series[:3]).returncode == 0  # the same instances again
+    assert len(stored_files(scp)) == len(small_ct_series)
+    study_uid = scp.db.studies()[0].study_uid
+    assert scp.db.study(study_uid).state == QUEUED  # identical resend: nothing changes
+    changed = pydicom.dcmread(small_ct_series[0])
+    changed.ImageComments = "corrected after the scan"
+    changed.save_as(small_ct_series[0].parent / "changed.dcm")
+    assert storescu(scp, [small_ct_series[0].parent / "changed.dcm"]).returncode == 0
+    assert scp.db.study(study_uid).state == RECEIVING  # a changed instance reopens the study
+    assert len(stored_files(scp)) == len(small_ct_series)
+
+
+def test_corrupt_file_gets_failure_status_is_quarantined_and_node_keeps_serving(scp, small_ct_series, tmp_path):
+    good = pydicom.dcmread(small_ct_series[0])
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, good.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    broken = pydicom.Dataset()
+    broken.SOPClassUID = CTImageStorage
+    broken.SOPInstanceUID = "1.2.3.4.5.6.7"
+    broken.PatientID = "NO-UIDS"  # no study/series UIDs, no pixels
+    status = assoc.send_c_store(broken)
+    assert status.Status != 0x0000
+    ok = assoc.send_c_store(good)  # the same association still works
+    assert ok.Status == 0x0000
+    assoc.release()
+    kept = list(scp.settings.quarantine_dir.glob("*.dcm"))
+    assert len(kept) == 1 and "cannot parse" in kept[0].with_suffix(".txt").read_text()
+    assert storescu(scp, small_ct_series[1:3]).returncode == 0
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian])
+def test_compressed_transfer_syntaxes_are_received_and_decoded(scp, small_ct_series, syntax):
+    sources = sorted(small_ct_series)[:4]
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    originals = {}
+    for p in sources:
+        ds = pydicom.dcmread(p)
+        originals[ds.SOPInstanceUID] = ds.pixel_array.copy()
+        if syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax
+        else:
+            ds.compress(syntax)
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    for f in stored_files(scp):
+        ds = pydicom.dcmread(f)
+        assert ds.file_meta.TransferSyntaxUID == syntax
+        assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID])
+
+
+def test_disk_full_answers_out_of_resources_and_keeps_nothing_half_written(scp, small_ct_series, monkeypatch):
+    import errno
+    import os
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", no_space)
+    ds = pydicom.dcmread(small_ct_series[0])
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA700  # the PACS keeps the image and retries later
+    assert stored_files(scp) == [] and not list(scp.settings.incoming_dir.rglob("*.tmp"))
+    assert scp.db.studies() == []
+
+
+def test_real_lidc_series_is_received_and_builds_its_volume(scp):
+    from tests.conftest import lidc_series
+
+    files = lidc_series("LIDC-IDRI-0001")
+    assert storescu(scp, files).returncode == 0
+    selection = select_series(stored_files(scp))
+    assert selection.chosen is not None, selection.why_not
+    volume = load_volume(selection.chosen.paths)
+    assert volume.hu.shape == (133, 512, 512)
+    # The LUNA16 nodule centre lands in soft tissue on the slice the dataset README names.
+    i, j, k = np.round(volume.world_to_index([56.20840547, 86.34341278, -115.8675792])).astype(int)
+    assert (i, j) == (316, 367)
+    assert volume.slices[k].path.name == f"{volume.slices[k].sop_instance_uid}.dcm"
+    assert volume.hu[k, j, i] > -300
