@@ -1,0 +1,46 @@
+"""Settings: the YAML file and the documented LUNGNODE_* environment variables."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lungnode.config import DEFAULT_CONFIG, Settings
+
+
+def test_documented_environment_variables_override_the_yaml(monkeypatch, tmp_path):
+    env = {
+        "LUNGNODE_AE_TITLE": "AI_NODE", "LUNGNODE_DICOM_PORT": "104", "LUNGNODE_HTTP_PORT": "8080",
+        "LUNGNODE_DATA_DIR": str(tmp_path), "LUNGNODE_ALLOWED_CALLERS": "PACS1, PACS2,",
+        "LUNGNODE_PACS": "ORTHANC@10.1.2.3:4242", "LUNGNODE_ORTHANC_URL": "http://10.1.2.3:8042",
+        "LUNGNODE_STABLE_SECONDS": "12.5",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert (s.ae_title, s.dicom_port, s.http_port, s.data_dir) == ("AI_NODE", 104, 8080, tmp_path)
+    assert s.allowed_callers == ["PACS1", "PACS2"]
+    assert (s.pacs.ae_title, s.pacs.host, s.pacs.port) == ("ORTHANC", "10.1.2.3", 4242)
+    assert s.orthanc_url == "http://10.1.2.3:8042" and s.stable_seconds == 12.5
+
+
+def test_shipped_yaml_gives_the_documented_defaults(monkeypatch):
+    monkeypatch.delenv("LUNGNODE_CONFIG", raising=False)
+    assert DEFAULT_CONFIG.is_file()
+    s = Settings()
+    assert (s.ae_title, s.dicom_port, s.http_port, s.http_host) == ("LUNGNODE", 11112, 8000, "127.0.0.1")
+    assert s.allowed_callers == [] and s.pacs is None
+
+
+def test_yaml_file_named_by_lungnode_config(monkeypatch, tmp_path):
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("ae_title: SITE_AI\nallowed_callers: [PACS]\npacs: PACS@pacs.local:104\n")
+    monkeypatch.setenv("LUNGNODE_CONFIG", str(cfg))
+    s = Settings()
+    assert s.ae_title == "SITE_AI" and s.allowed_callers == ["PACS"] and s.pacs.port == 104
+
+
+@pytest.mark.parametrize("bad", ["ORTHANC", "ORTHANC@host", "@host:104", "A@h:notaport"])
+def test_malformed_pacs_address_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv("LUNGNODE_PACS", bad)
+    with pytest.raises(ValidationError, match="AET@host:port"):
+        Settings()
