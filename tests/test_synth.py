@@ -1,0 +1,191 @@
+"""Synthetic phantoms: reproducible, nodules where the labels say, valid DICOM and datalist output."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.uid import RLELossless
+from scipy import ndimage
+
+from lungnode.training.synth import (
+    Phantom,
+    add_command,
+    generate_dataset,
+    make_phantom,
+    phantom_seed,
+    write_dicom_series,
+    write_nifti,
+)
+
+COARSE = (1.4, 1.4, 2.5)
+HU_RANGE = {"solid": (-120, 160), "ground-glass": (-760, -180), "part-solid": (-760, 160)}
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    # n_nodules fixed high so every kind/attachment shows up across the few seeds used below.
+    return make_phantom(7, spacing=COARSE, n_nodules=(4, 4))
+
+
+def _voxel(ph: Phantom, xyz) -> tuple[int, int, int]:
+    i, j, k = np.rint((np.asarray(xyz) - ph.origin) / ph.spacing).astype(int)
+    return int(k), int(j), int(i)
+
+
+def _inner_air(hu: np.ndarray) -> np.ndarray:
+    """Air-like voxels not connected to the air around the body: the lungs and airways."""
+    air = hu < -400
+    lab, _ = ndimage.label(air)
+    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    return air & ~np.isin(lab, border[border > 0])
+
+
+def test_same_seed_same_phantom_and_different_seed_differs():
+    a = make_phantom(11, spacing=COARSE)
+    b = make_phantom(11, spacing=COARSE)
+    c = make_phantom(12, spacing=COARSE)
+    assert a.hu.dtype == np.int16 and a.hu.ndim == 3
+    assert np.array_equal(a.hu, b.hu) and a.nodules == b.nodules and a.origin == b.origin
+    assert a.hu.shape != c.hu.shape or not np.array_equal(a.hu, c.hu)
+
+
+def test_phantom_looks_like_a_chest(phantom):
+    hu = phantom.hu
+    nk, nj, ni = hu.shape
+    assert (nj, ni) == (256, 256) and phantom.spacing == COARSE
+    mid = hu[nk // 2]
+    assert mid[0, 0] < -900  # air in the corner
+    assert (mid > 300).sum() > 100  # ribs and spine
+    lungs = _inner_air(hu)
+    assert 0.03 < lungs.mean() < 0.35
+    assert -900 < np.median(hu[lungs]) < -750
+    # Vessels: plenty of soft-tissue voxels inside the lung region's bounding box rows.
+    filled = ndimage.binary_fill_holes(lungs[nk // 2])
+    inside = filled & ~lungs[nk // 2]
+    assert inside.sum() > 20
+
+
+def test_nodules_lie_in_the_lungs_with_their_kinds_hu(phantom):
+    assert 1 <= len(phantom.nodules) <= 4
+    lungs = _inner_air(phantom.hu)
+    centers = [np.array(n.center_mm) for n in phantom.nodules]
+    for n, c in zip(phantom.nodules, centers):
+        assert 4.0 * 0.85**8 <= n.diameter_mm <= 25.0
+        k, j, i = _voxel(phantom, c)
+        lo, hi = HU_RANGE[n.kind]
+        assert lo <= phantom.hu[k, j, i] <= hi, (n, phantom.hu[k, j, i])
+        # A shell just outside the nodule is mostly lung (less for ones resting on the pleura).
+        r = n.diameter_mm / 2
+        offsets = np.array([[dx, dy, dz] for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1) if dx or dy or dz], float)
+        shell = c + offsets / np.linalg.norm(offsets, axis=1, keepdims=True) * (r * 1.3 + 4.0)
+        kji = np.array([_voxel(phantom, p) for p in shell])
+        frac = lungs[kji[:, 0], kji[:, 1], kji[:, 2]].mean()
+        assert frac >= (0.25 if n.attachment == "pleural" else 0.45), (n, frac)
+    for a in range(len(centers)):
+        for b in range(a + 1, len(centers)):
+            gap = np.linalg.norm(centers[a] - centers[b])
+            assert gap > (phantom.nodules[a].diameter_mm + phantom.nodules[b].diameter_mm) / 2
+
+
+def test_all_kinds_and_attachments_occur():
+    seen_k, seen_a = set(), set()
+    for s in range(6):
+        for n in make_phantom(s, spacing=(2.8, 2.8, 5.0), n_nodules=(4, 4)).nodules:
+            seen_k.add(n.kind)
+            seen_a.add(n.attachment)
+    assert seen_k == {"solid", "part-solid", "ground-glass"}
+    assert seen_a == {"none", "pleural", "vascular"}
+
+
+def _read_series(folder: Path):
+    files = sorted(folder.glob("*.dcm"))
+    dss = [pydicom.dcmread(f) for f in files]
+    order = sorted(range(len(dss)), key=lambda n: float(dss[n].ImagePositionPatient[2]))
+    dss = [dss[n] for n in order]
+    vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
+    return files, order, dss, vol
+
+
+@pytest.mark.parametrize("syntax", [None, RLELossless])
+def test_dicom_round_trip_keeps_hu_and_geometry(phantom, tmp_path, syntax):
+    paths = write_dicom_series(phantom, tmp_path, patient_id="SYN1", accession_number="A1",
+                               transfer_syntax_uid=syntax)
+    assert len(paths) == phantom.hu.shape[0]
+    files, order, dss, vol = _read_series(tmp_path)
+    assert order != sorted(order), "file names must not be in slice order"
+    assert np.array_equal(vol, phantom.hu)
+    first = dss[0]
+    if syntax:
+        assert first.file_meta.TransferSyntaxUID == syntax
+    assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({d.SOPInstanceUID for d in dss}) == len(dss)
+    assert first.Modality == "CT" and first.PatientID == "SYN1" and first.AccessionNumber == "A1"
+    assert list(first.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    # World -> voxel mapping from the DICOM geometry lands on each nodule's centre.
+    ipp0 = np.array([float(v) for v in first.ImagePositionPatient])
+    row_sp, col_sp = (float(v) for v in first.PixelSpacing)
+    dz = float(dss[1].ImagePositionPatient[2]) - float(dss[0].ImagePositionPatient[2])
+    assert ipp0 == pytest.approx(phantom.origin) and dz == pytest.approx(phantom.spacing[2])
+    for n in phantom.nodules:
+        x, y, z = n.center_mm
+        i, j, k = round((x - ipp0[0]) / col_sp), round((y - ipp0[1]) / row_sp), round((z - ipp0[2]) / dz)
+        lo, hi = HU_RANGE[n.kind]
+        assert lo <= vol[k, j, i] <= hi
+        assert vol[k, j, i] == phantom.hu[_voxel(phantom, n.center_mm)]
+
+
+def test_dciodvfy_finds_no_errors(phantom, tmp_path):
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    for syntax in (None, RLELossless):
+        paths = write_dicom_series(phantom, tmp_path / str(syntax), patient_id="SYN1", transfer_syntax_uid=syntax)
+        res = subprocess.run([exe, str(paths[len(paths) // 2])], capture_output=True, text=True, timeout=60)
+        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
+        assert not errors, errors
+
+
+def test_nifti_keeps_lps_geometry(phantom, tmp_path):
+    path = write_nifti(phantom, tmp_path / "p.nii.gz")
+    img = sitk.ReadImage(str(path))
+    assert img.GetSpacing() == pytest.approx(phantom.spacing)
+    assert img.GetOrigin() == pytest.approx(phantom.origin, abs=1e-3)
+    assert np.array_equal(sitk.GetArrayFromImage(img), phantom.hu)
+    n = phantom.nodules[0]
+    idx = img.TransformPhysicalPointToIndex(n.center_mm)
+    assert sitk.GetArrayFromImage(img)[idx[2], idx[1], idx[0]] == phantom.hu[_voxel(phantom, n.center_mm)]
+
+
+def test_datalist_matches_the_phantoms(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_command(parser.add_subparsers())
+    args = parser.parse_args(["synth", "--out", str(tmp_path), "--n", "2", "--seed", "5",
+                              "--spacing", "2.8", "2.8", "5.0"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "2 phantoms" in out and str(tmp_path) in out
+    data = json.loads((tmp_path / "datalist.json").read_text())
+    assert len(data["training"]) == 2
+    for idx, e in enumerate(data["training"]):
+        ph = make_phantom(phantom_seed(5, idx), spacing=(2.8, 2.8, 5.0))
+        assert (tmp_path / e["image"]).is_file() and not Path(e["image"]).is_absolute()
+        assert len(e["box"]) == len(e["label"]) == len(e["diameter_mm"]) == len(e["kind"]) == len(ph.nodules)
+        assert set(e["label"]) <= {0}
+        for box, n in zip(e["box"], ph.nodules):
+            assert box == pytest.approx([*n.center_mm, n.diameter_mm, n.diameter_mm, n.diameter_mm])
+        img = sitk.ReadImage(str(tmp_path / e["image"]))
+        assert np.array_equal(sitk.GetArrayFromImage(img), ph.hu)
+
+
+def test_dicom_dataset_has_one_series_per_phantom(tmp_path):
+    datalist = generate_dataset(tmp_path, 1, 3, fmt="dicom", spacing=(2.8, 2.8, 5.0))
+    e = json.loads(datalist.read_text())["training"][0]
+    files = list((tmp_path / e["image"]).glob("*.dcm"))
+    assert len(files) == make_phantom(phantom_seed(3, 0), spacing=(2.8, 2.8, 5.0)).hu.shape[0]

@@ -1,0 +1,933 @@
+"""Synthetic chest CT phantoms with known nodules.
+
+They train the first detector (no patient data can leave the hospital) and are sent as real DICOM
+studies through the node in end-to-end tests. Each phantom is built from simple vectorised shapes
+(body, chest wall, ribs, spine, mediastinum, heart, airways, branching vessel trees, lungs) so the
+detector sees the same distractors as on real scans: vessels crossing a slice look like nodules,
+nodules touch the pleura or a vessel. Everything is drawn from one seed, so a phantom is reproducible.
+
+World coordinates are DICOM patient coordinates (LPS mm): x to the patient's left, y posterior,
+z superior. ``hu[k, j, i]`` is (slice, row, column); voxel (i, j, k) lies at origin + (i, j, k) * spacing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+KINDS = ("solid", "part-solid", "ground-glass")
+ATTACHMENTS = ("none", "pleural", "vascular")
+_KIND_WEIGHTS = {"solid": 0.6, "part-solid": 0.2, "ground-glass": 0.2}
+_ATTACHMENT_WEIGHTS = {"none": 0.4, "pleural": 0.3, "vascular": 0.3}
+
+
+@dataclass(frozen=True)
+class NoduleSpec:
+    """One nodule drawn into a phantom: the ground truth for training and tests."""
+
+    center_mm: tuple[float, float, float]  # LPS world mm (DICOM patient coords)
+    diameter_mm: float
+    kind: str  # "solid" | "part-solid" | "ground-glass"
+    attachment: str  # "none" | "pleural" | "vascular"
+
+
+@dataclass
+class Phantom:
+    """An axial CT volume (identity direction) in Hounsfield units with its nodules."""
+
+    hu: np.ndarray  # int16, shape (k, j, i) = (slices, rows, cols)
+    spacing: tuple[float, float, float]  # (i, j, k) mm = (col, row, slice)
+    origin: tuple[float, float, float]  # LPS mm of voxel (0, 0, 0)
+    nodules: list[NoduleSpec]
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Voxel grid: axis coordinates in mm and index lookups."""
+
+    shape: tuple[int, int, int]  # (k, j, i)
+    spacing: tuple[float, float, float]  # (i, j, k)
+    origin: tuple[float, float, float]
+
+    def axis(self, a: int) -> np.ndarray:
+        """World coordinate of every index along axis a (0 = x/i, 1 = y/j, 2 = z/k), float32."""
+        n = self.shape[2 - a]
+        return (self.origin[a] + self.spacing[a] * np.arange(n)).astype(np.float32)
+
+    def index(self, p: np.ndarray) -> np.ndarray:
+        """World points (..., 3) -> nearest (k, j, i) indices (..., 3), not clipped."""
+        ijk = np.rint((np.asarray(p, float) - self.origin) / self.spacing).astype(int)
+        return ijk[..., ::-1]
+
+    def inside(self, mask: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Whether world points (..., 3) fall on True voxels of mask (False off the grid)."""
+        kji = self.index(p)
+        ok = np.all((kji >= 0) & (kji < np.asarray(self.shape)), axis=-1)
+        out = np.zeros(ok.shape, bool)
+        kji = kji[ok]
+        out[ok] = mask[kji[:, 0], kji[:, 1], kji[:, 2]]
+        return out
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
+        """(k, j, i) slices covering the world box [lo, hi], or None when it misses the grid."""
+        a = np.floor((np.asarray(lo) - self.origin) / self.spacing).astype(int)
+        b = np.ceil((np.asarray(hi) - self.origin) / self.spacing).astype(int) + 1
+        a = np.maximum(a, 0)
+        b = np.minimum(b, self.shape[::-1])
+        if np.any(b <= a):
+            return None
+        return slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0])
+
+    def box_coords(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Broadcastable z (k,1,1), y (1,j,1), x (1,1,i) world coordinates of a box."""
+        z = self.axis(2)[sl[0]][:, None, None]
+        y = self.axis(1)[sl[1]][None, :, None]
+        x = self.axis(0)[sl[2]][None, None, :]
+        return z, y, x
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v) + 1e-9)
+
+
+def _perpendicular(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random unit vector perpendicular to d."""
+    v = rng.normal(size=3)
+    return _unit(v - d * np.dot(v, d))
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    """n roughly even unit directions, for cheap inside-the-lung checks."""
+    i = np.arange(n) + 0.5
+    phi = np.arccos(1 - 2 * i / n)
+    theta = np.pi * (1 + 5**0.5) * i
+    return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
+
+
+_SPHERE = _fibonacci_sphere(40)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing primitives (box-local, soft edged for partial volume)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tube:
+    """A tapered capsule: one piece of a vessel or airway."""
+
+    p0: np.ndarray
+    p1: np.ndarray
+    r0: float
+    r1: float
+
+
+def _tube_coverage(grid: _Grid, t: _Tube, grow: float, edge: float):
+    """(box, fraction of each voxel inside the tube widened by `grow` mm) or None."""
+    rmax = max(t.r0, t.r1) + grow + edge
+    sl = grid.box(np.minimum(t.p0, t.p1) - rmax, np.maximum(t.p0, t.p1) + rmax)
+    if sl is None:
+        return None
+    z, y, x = grid.box_coords(sl)
+    d = (t.p1 - t.p0).astype(np.float32)
+    dx, dy, dz = x - t.p0[0], y - t.p0[1], z - t.p0[2]
+    length2 = float(np.dot(d, d)) + 1e-6
+    s = np.clip((dx * d[0] + dy * d[1] + dz * d[2]) / length2, 0.0, 1.0)
+    dist = np.sqrt((dx - s * d[0]) ** 2 + (dy - s * d[1]) ** 2 + (dz - s * d[2]) ** 2)
+    radius = t.r0 + (t.r1 - t.r0) * s + grow
+    return sl, np.clip((radius - dist) / edge + 0.5, 0.0, 1.0)
+
+
+def _paint_tubes(hu, grid, tubes, value, edge, *, grow=0.0, within=None, brighten_only=False):
+    """Blend `value` into hu over the tubes (optionally only inside the `within` mask)."""
+    for t in tubes:
+        got = _tube_coverage(grid, t, grow, edge)
+        if got is None:
+            continue
+        sl, c = got
+        if within is not None:
+            c = c * within[sl]
+        h = hu[sl]
+        new = h + c * (value - h)
+        hu[sl] = np.maximum(h, new) if brighten_only else new
+
+
+# ----------------------------------------------------------------------------------------------
+# Anatomy
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Body:
+    """Per-seed anatomical proportions (mm, LPS)."""
+
+    a: float  # body half width
+    b: float  # body half depth
+    yc: float  # body centre y
+    fat: float  # subcutaneous fat thickness
+    wall: float  # chest wall muscle thickness
+    z_apex: float
+    z_base: float  # lowest point of the costophrenic recesses
+    z_hilum: float
+    ys: float  # vertebral body centre y
+    rv: float  # vertebral body radius
+    med_half: float  # half width of the upper mediastinum
+    med_x: float
+
+
+def _sample_body(rng: np.random.Generator, grid: _Grid, fov_x: float) -> _Body:
+    z = grid.axis(2)
+    a = min(rng.uniform(125.0, 172.0), 0.47 * fov_x)
+    b = min(rng.uniform(0.62, 0.78) * a, 0.38 * fov_x)
+    yc = -rng.uniform(0.04, 0.12) * b - 10.0
+    z_top = float(z[-1])
+    span = float(z[-1] - z[0])
+    z_apex = z_top - rng.uniform(8.0, 35.0)
+    length = min(rng.uniform(200.0, 275.0), span - (z_top - z_apex) - 5.0)
+    z_base = z_apex - length
+    wall = rng.uniform(7.0, 13.0)
+    fat = rng.uniform(4.0, 24.0)
+    cav_b = b - fat - wall
+    rv = rng.uniform(15.0, 21.0)
+    ys = yc + cav_b - rv + rng.uniform(6.0, 14.0)
+    return _Body(
+        a=a, b=b, yc=yc, fat=fat, wall=wall, z_apex=z_apex, z_base=z_base,
+        z_hilum=z_apex - length * rng.uniform(0.38, 0.48), ys=ys, rv=rv,
+        med_half=rng.uniform(20.0, 30.0), med_x=rng.uniform(-6.0, 6.0),
+    )
+
+
+def _ellipse2(x, y, cx, cy, ax, by):
+    """Squared normalised elliptical radius."""
+    return ((x - cx) / ax) ** 2 + ((y - cy) / by) ** 2
+
+
+def _smooth_field(rng, shape, sigma) -> np.ndarray:
+    """Zero-mean unit-std smooth random field (float32)."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    return f / (f.std() + 1e-6)
+
+
+@dataclass
+class _Anatomy:
+    """The drawn volume plus what nodule placement needs."""
+
+    hu: np.ndarray  # float32
+    lung: np.ndarray  # bool
+    vessels: list[_Tube]
+
+
+def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anatomy:
+    nk, nj, ni = grid.shape
+    x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
+    X, Y = x[None, :], y[:, None]  # 2D (j, i) broadcast
+    sx = grid.spacing[0]
+
+    hu = np.full(grid.shape, -1000.0, np.float32)
+    plane = (slice(None),)
+
+    # CT table: curved carbon shell over a foam core, just below the back.
+    y_back = body.yc + body.b
+    tab_top = y_back + rng.uniform(1.0, 6.0)
+    curve = tab_top - 0.0004 * X**2  # cradle: edges curve up toward the patient
+    shell = (Y >= curve) & (Y < curve + 2.0) & (np.abs(X) < 230)
+    core = (Y >= curve + 2.0) & (Y < curve + 22.0) & (np.abs(X) < 225)
+    base = (Y >= curve + 22.0) & (Y < curve + 25.0) & (np.abs(X) < 230)
+    hu[plane + (core,)] = -880.0
+    hu[plane + (shell | base,)] = rng.uniform(150.0, 400.0)
+
+    # Body: flattened at the back where it lies on the table; subcutaneous fat over muscle.
+    yy = (Y - body.yc) / body.b
+    back = np.where(yy > 0, 3.0, 2.0)  # higher exponent behind: a flatter back
+    r_body = np.sqrt((X / body.a) ** 2 + np.abs(yy) ** back)
+    zs = (1.0 + 0.025 * np.sin((z - body.z_base) / 90.0 + rng.uniform(0, 6)))[:, None, None]
+    body3 = r_body[None] < zs
+    np.copyto(hu, np.float32(rng.uniform(-110.0, -85.0)), where=body3)
+    inner_a, inner_b = body.a - body.fat, body.b - body.fat
+    r_muscle = np.sqrt((X / inner_a) ** 2 + np.abs((Y - body.yc) / inner_b) ** back)
+    muscle3 = r_muscle[None] < zs
+    np.copyto(hu, np.float32(rng.uniform(35.0, 55.0)), where=muscle3)
+
+    # Thoracic cavity: bean shape (the spine and back muscles push in from behind).
+    ca, cb = inner_a - body.wall, inner_b - body.wall
+    cav_yc = body.yc + 0.5 * body.wall
+    r_cav2 = _ellipse2(X, Y, 0.0, cav_yc, ca, cb)
+    spine_notch = _ellipse2(X, Y, 0.0, body.ys + 8.0, body.rv + 22.0, body.rv + 26.0) < 1.0
+    cavity2 = (r_cav2 < 1.0) & ~spine_notch
+    # Inside: soft tissue (neck above the lungs, liver/spleen below them), fat in the mediastinum.
+    organ = np.where(X < 0, rng.uniform(50.0, 62.0), rng.uniform(32.0, 45.0)).astype(np.float32)
+    organ = np.broadcast_to(organ, (nj, ni))
+    hu[plane + (cavity2,)] = organ[cavity2]
+
+    # Lungs: one ellipse per side, tapering to the apex, cut by the cavity, mediastinum and diaphragm.
+    theta_noise = rng.normal(0, 1, size=(2, 4))
+    r_lung2 = np.empty((nj, ni), np.float32)
+    z_dia = np.empty((nj, ni), np.float32)
+    dome_l = rng.uniform(35.0, 60.0)
+    for side, sign in ((0, -1.0), (1, 1.0)):
+        cx = sign * ca * rng.uniform(0.45, 0.55)
+        cy = cav_yc + cb * rng.uniform(0.0, 0.1)
+        ax = ca * rng.uniform(0.55, 0.62)
+        by = cb * rng.uniform(0.95, 1.08)
+        half = np.broadcast_to((X < 0) if sign < 0 else (X >= 0), (nj, ni))
+        th = np.arctan2(Y - cy, X - cx)
+        wobble = 1.0 + sum(0.035 * theta_noise[side, n] * np.cos((n + 2) * th + n) for n in range(4))
+        r2 = _ellipse2(X, Y, cx, cy, ax, by) / wobble**2
+        r_lung2[half] = r2[half]
+        # Diaphragm dome: highest under the lung centre, deep recesses laterally and posteriorly;
+        # the right dome sits higher over the liver.
+        dome = dome_l + (rng.uniform(8.0, 22.0) if sign < 0 else 0.0)
+        zd = body.z_base + dome * (1.0 - np.clip(r2, 0, 1.4) / 1.4) - 15.0 * np.clip((Y - cy) / by, 0, 1)
+        z_dia[half] = zd[half]
+    apex_len = rng.uniform(45.0, 75.0)
+    s2 = np.clip((body.z_apex - z) / apex_len, 0.0, 1.0).astype(np.float32)  # squared scale
+    lung = r_lung2[None] < s2[:, None, None]
+    lung &= z[:, None, None] > z_dia[None]
+    lung &= cavity2[None]
+    # Mediastinum: central band, narrower behind (azygo-oesophageal recess).
+    t_med = np.clip((body.z_apex - 20.0 - z) / 60.0, 0.0, 1.0)
+    med_half = (body.med_half * (0.8 + 0.2 * t_med)).astype(np.float32)
+    narrowing = (1.0 - 0.45 * np.clip((Y - cav_yc) / cb, 0, 1)).astype(np.float32)  # (j, 1)
+    band = np.abs(X[None] - body.med_x) < med_half[:, None, None] * narrowing[None]
+    lung &= ~band
+
+    # Mediastinal fat in the band (inside the cavity, above the diaphragm).
+    med = band & cavity2[None] & (z[:, None, None] > z_dia[None] + 5.0)
+    np.copyto(hu, np.float32(rng.uniform(-100.0, -70.0)), where=med)
+
+    # Heart in pericardial fat, left of midline, resting on the diaphragm.
+    hc = np.array([body.med_x + rng.uniform(12.0, 25.0), cav_yc - 0.3 * cb, body.z_base + rng.uniform(55.0, 70.0)])
+    hax = np.array([rng.uniform(45.0, 58.0), rng.uniform(0.45, 0.6) * cb, rng.uniform(40.0, 52.0)])
+    rot = rng.uniform(-0.6, -0.3)
+    sl = grid.box(hc - hax.max() - 8, hc + hax.max() + 8)
+    if sl is not None:
+        zz, yy3, xx = grid.box_coords(sl)
+        u = (xx - hc[0]) * math.cos(rot) + (yy3 - hc[1]) * math.sin(rot)
+        v = -(xx - hc[0]) * math.sin(rot) + (yy3 - hc[1]) * math.cos(rot)
+        e = (u / hax[0]) ** 2 + (v / hax[1]) ** 2 + ((zz - hc[2]) / hax[2]) ** 2
+        fat_e = (u / (hax[0] + 6)) ** 2 + (v / (hax[1] + 6)) ** 2 + ((zz - hc[2]) / (hax[2] + 6)) ** 2
+        inside_cav = cavity2[sl[1:]][None]
+        h = hu[sl]
+        h[(fat_e < 1) & inside_cav] = rng.uniform(-100.0, -70.0)
+        h[(e < 1) & inside_cav] = rng.uniform(35.0, 50.0)
+        lung[sl] &= ~(fat_e < 1)
+
+    # Great vessels: ascending aorta, arch, descending aorta, superior vena cava.
+    r_ao = rng.uniform(12.0, 17.0)
+    z_arch = body.z_hilum + rng.uniform(25.0, 40.0)
+    asc = np.array([body.med_x - 8.0, cav_yc - 0.35 * cb, 0.0])
+    desc = np.array([body.med_x + 18.0, body.ys - body.rv - r_ao + 2.0, 0.0])
+    blood = rng.uniform(35.0, 50.0)
+    great = [
+        _Tube(asc + [0, 0, hc[2]], asc + [0, 0, z_arch], r_ao, r_ao),
+        _Tube(asc + [0, 0, z_arch], desc + [0, 0, z_arch + 8.0], r_ao, r_ao * 0.9),
+        _Tube(desc + [0, 0, z_arch + 8.0], desc + [0, 0, body.z_base - 40.0], r_ao * 0.9, r_ao * 0.85),
+        _Tube(asc + [-r_ao - 9.0, 4.0, hc[2] + 20.0], asc + [-r_ao - 9.0, 4.0, body.z_apex + 10.0], 9.0, 9.0),
+        _Tube(np.array([body.med_x + 10.0, cav_yc - 0.2 * cb, hc[2] + 25.0]),
+              np.array([body.med_x + 10.0, cav_yc - 0.05 * cb, body.z_hilum + 5.0]), 13.0, 12.0),
+    ]
+    for t in great:
+        cov = _tube_coverage(grid, t, 0.0, sx)
+        if cov is not None:
+            gsl, c = cov
+            hu[gsl] += c * (blood - hu[gsl])
+            lung[gsl] &= ~(c > 0.05)
+
+    # Oesophagus between trachea and spine.
+    oes = _Tube(np.array([body.med_x + 6.0, body.ys - body.rv - 8.0, body.z_base - 20.0]),
+                np.array([body.med_x + 3.0, body.ys - body.rv - 9.0, float(z[-1]) + 10]), 7.0, 7.0)
+    cov = _tube_coverage(grid, oes, 0.0, sx)
+    if cov is not None:
+        gsl, c = cov
+        hu[gsl] += c * (40.0 - hu[gsl])
+
+    # Lung parenchyma: denser toward the back (gravity), smooth texture.
+    base_hu = rng.uniform(-880.0, -830.0)
+    grad = rng.uniform(30.0, 70.0)
+    paren2d = (base_hu + grad * np.clip((Y - cav_yc) / cb + 0.5, 0, 1.5)).astype(np.float32)
+    paren2d = np.broadcast_to(paren2d, (nj, ni))
+    np.copyto(hu, paren2d[None], where=lung)
+    _add_lung_texture(rng, grid, hu, lung)
+
+    # Airways: trachea down to the carina, main bronchi to the hila, lobar/segmental bronchi.
+    carina = np.array([body.med_x, body.ys - body.rv - 22.0, body.z_hilum + rng.uniform(15.0, 25.0)])
+    r_tr = rng.uniform(7.0, 10.0)
+    airways = [_Tube(carina, carina + [0.0, -6.0, float(z[-1]) - carina[2] + 20.0], r_tr, r_tr)]
+    vessels: list[_Tube] = []
+    hila = []
+    for sign in (-1.0, 1.0):
+        hilum = np.array([body.med_x + sign * (med_half.max() + rng.uniform(2.0, 8.0)), cav_yc + rng.uniform(-5.0, 10.0),
+                          body.z_hilum])
+        hila.append(hilum)
+        r_mb = r_tr * (0.8 if sign < 0 else 0.7)
+        airways.append(_Tube(carina, hilum, r_mb, r_mb * 0.9))
+        down = _unit(np.array([sign * 0.6, 0.1, -0.8]))
+        up = _unit(np.array([sign * 0.5, 0.1, 0.85]))
+        for d, r in ((down, r_mb * 0.75), (up, r_mb * 0.6)):
+            airways += _grow_tree(rng, grid, lung, hilum, d, r, min_radius=2.0, max_tubes=40, length=(4.0, 7.0))
+        # Pulmonary arteries (from the hilum) and veins (toward the left atrium, lower and in front).
+        roots = [
+            (hilum + [0, -4.0, 6.0], up, rng.uniform(5.0, 7.0)),
+            (hilum + [0, 4.0, -4.0], down, rng.uniform(6.0, 8.0)),
+            (hilum + [sign * 5.0, -15.0, -25.0], _unit(np.array([sign, -0.3, -0.4])), rng.uniform(5.0, 7.0)),
+            (hilum + [sign * 5.0, -12.0, -5.0], _unit(np.array([sign, -0.4, 0.5])), rng.uniform(4.5, 6.0)),
+            (hilum + [sign * 3.0, 10.0, -15.0], _unit(np.array([sign * 0.5, 0.8, -0.4])), rng.uniform(4.0, 5.5)),
+        ]
+        r_min = max(0.35, 0.45 * min(grid.spacing[:2]))
+        for p, d, r in roots:
+            vessels += _grow_tree(rng, grid, lung, p, d, r, min_radius=r_min, max_tubes=450, length=(5.0, 9.0))
+
+    vessel_hu = rng.uniform(30.0, 50.0)
+    edge = 0.8 * min(grid.spacing[:2]) + 0.3
+    # Vessels stay inside the pleura; near the hilum they merge with the mediastinum.
+    near_hilum = lung | med
+    _paint_tubes(hu, grid, vessels, vessel_hu, edge, within=near_hilum)
+    wall = rng.uniform(1.2, 2.2)
+    _paint_tubes(hu, grid, airways, 35.0, edge, grow=wall)
+    _paint_tubes(hu, grid, airways, -1000.0, edge)
+    for t in airways:  # airway lumens are not lung parenchyma for nodule placement
+        cov = _tube_coverage(grid, t, wall, edge)
+        if cov is not None:
+            lung[cov[0]] &= ~(cov[1] > 0.5)
+
+    _draw_spine_and_ribs(rng, grid, hu, body, ca, cb, cav_yc, r_cav2)
+    return _Anatomy(hu=hu, lung=lung, vessels=vessels)
+
+
+def _add_lung_texture(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray) -> None:
+    """Low-contrast patchy texture: two smooth 2D fields mixed along z (cheap, varies per slice)."""
+    nk, nj, ni = grid.shape
+    step = 4
+    small = (nj // step + 1, ni // step + 1)
+    sig = 4.0 / (step * grid.spacing[0])
+    amp = rng.uniform(8.0, 20.0)
+    fields = []
+    for _ in range(2):
+        f = _smooth_field(rng, small, sig)
+        f = ndimage.zoom(f, (nj / small[0], ni / small[1]), order=1)[:nj, :ni]
+        fields.append(f * amp)
+    w = 2 * np.pi * grid.axis(2) / rng.uniform(25.0, 45.0)
+    tex = fields[0][None] * np.cos(w)[:, None, None]
+    tex += fields[1][None] * np.sin(w)[:, None, None]
+    np.add(hu, tex, out=hu, where=lung)
+
+
+def _grow_tree(rng, grid: _Grid, lung: np.ndarray, root: np.ndarray, direction: np.ndarray, radius: float, *,
+               min_radius: float, max_tubes: int, length: tuple[float, float]) -> list[_Tube]:
+    """A branching tapered tree from the hilum outwards (breadth first, so the cap prunes the finest twigs).
+
+    Pieces may cross the mediastinum until the tree has entered the lung; after that a branch whose
+    next piece would leave the lung tries a few other courses and then ends.
+    """
+    root = np.asarray(root, float)
+    tubes: list[_Tube] = []
+    queue = deque([(root, _unit(np.asarray(direction, float)), float(radius))])
+    while queue and len(tubes) < max_tubes:
+        p, d, r = queue.popleft()
+        seg_len = min(r * rng.uniform(*length) + 2.0, 40.0)
+        r_end = r * rng.uniform(0.85, 0.95)
+        entered = bool(grid.inside(lung, p))
+        for _ in range(4):
+            d1 = _unit(d + 0.25 * _perpendicular(d, rng))
+            d2 = _unit(d1 + 0.25 * _perpendicular(d1, rng))
+            q1 = p + d1 * seg_len / 2
+            q2 = q1 + d2 * seg_len / 2
+            if not entered or grid.inside(lung, np.stack([q1, q2])).all():
+                break
+            d = _unit(d + 0.8 * _perpendicular(d, rng))
+        else:
+            continue
+        r_mid = (r + r_end) / 2
+        tubes += [_Tube(p, q1, r, r_mid), _Tube(q1, q2, r_mid, r_end)]
+        # Asymmetric bifurcation: the larger child keeps the course, the smaller one swings out;
+        # both drift away from the hilum so the tree fills the lung.
+        outward = _unit(q2 - root)
+        big, small = r_end * rng.uniform(0.78, 0.9), r_end * rng.uniform(0.55, 0.78)
+        u = _perpendicular(d2, rng)
+        for rr, ang, sgn in ((big, rng.uniform(0.15, 0.45), 1.0), (small, rng.uniform(0.5, 1.0), -1.0)):
+            if rr >= min_radius:
+                nd = _unit(math.cos(ang) * d2 + sgn * math.sin(ang) * u + 0.3 * outward)
+                queue.append((q2, nd, rr))
+    return tubes
+
+
+def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, ca, cb, cav_yc, r_cav2) -> None:
+    """Vertebra (cortex, cancellous bone, discs, canal, posterior arch) and a ring of ribs."""
+    nk, nj, ni = grid.shape
+    x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
+    X, Y = x[None, :], y[:, None]
+    cortex_hu = rng.uniform(700.0, 1100.0)
+    cancellous_hu = rng.uniform(180.0, 300.0)
+    rv = body.rv
+    r_spine = np.sqrt(X**2 / 1.1 + (Y - body.ys) ** 2)
+    vb = r_spine < rv
+    shell = vb & (r_spine > rv - 1.8)
+    canal_c = body.ys + rv + 9.0
+    r_canal = np.sqrt(X**2 + (Y - canal_c) ** 2)
+    canal = r_canal < 8.0
+    arch = (r_canal >= 8.0) & (r_canal < 13.0) & (Y > canal_c - 6.0)
+    spinous = (np.abs(X) < 4.0) & (Y > canal_c + 10.0) & (Y < canal_c + 38.0)
+    transverse = (np.abs(Y - canal_c + 2.0) < 5.0) & (np.abs(X) < 32.0) & (np.abs(X) > 8.0)
+    post = (arch | spinous | transverse) & ~canal
+    plane = (slice(None),)
+    hu[plane + (vb,)] = cancellous_hu
+    hu[plane + (shell | post,)] = cortex_hu
+    hu[plane + (canal,)] = 15.0
+    # Intervertebral discs every ~27 mm.
+    pitch = rng.uniform(24.0, 30.0)
+    disc_k = np.nonzero(((z - rng.uniform(0, pitch)) % pitch) < 5.0)[0]
+    inner = vb & ~shell
+    for k in disc_k:
+        hu[k][inner] = 85.0
+
+    # Ribs: a helical band just outside the cavity wall, sloping down toward the front.
+    rib_t = rng.uniform(7.0, 10.0)
+    r_cav = np.sqrt(r_cav2)
+    ring = (r_cav >= 1.0) & (r_cav < 1.0 + rib_t / cb) & ~(_ellipse2(X, Y, 0, body.ys, 30.0, 40.0) < 1.0)
+    jj, ii = np.nonzero(ring)
+    if jj.size == 0:
+        return
+    xr, yr = x[ii], y[jj]
+    phi = np.arctan2(np.abs(xr), yr - cav_yc)  # 0 at the back, pi at the front
+    radial = (r_cav[jj, ii] - 1.0) * cb / rib_t  # 0..1 across the rib
+    pitch = rng.uniform(24.0, 30.0)
+    height = rng.uniform(9.0, 12.0)
+    drop = pitch * rng.uniform(2.5, 3.5) * (1.0 - np.cos(phi)) / 2  # steepest at the side
+    zz = z[:, None]
+    u = (zz + drop[None] + rng.uniform(0, pitch)) % pitch  # mm from the rib's lower edge
+    rib = (u < height) & (zz < body.z_apex + 10.0) & (zz > body.z_base - 35.0)
+    cart = phi[None] > np.pi * 0.78  # costal cartilage at the front
+    edge = (u < 1.6) | (u > height - 1.6) | (radial[None] < 0.22) | (radial[None] > 0.78)
+    vals = np.where(cart, 130.0, np.where(edge, cortex_hu, cancellous_hu + 60.0)).astype(np.float32)
+    cur = hu[:, jj, ii]
+    hu[:, jj, ii] = np.where(rib & (np.abs(xr) > 10.0)[None], vals, cur)
+
+    # Sternum in front.
+    st_y = cav_yc - cb - 4.0
+    st = _ellipse2(X, Y, 0.0, st_y, rng.uniform(12.0, 18.0), 6.0)
+    st_mask = st < 1.0
+    ks = np.nonzero((z > body.z_base + 40.0) & (z < body.z_apex - 10.0))[0]
+    if ks.size:
+        vals2d = np.where(st > 0.6, cortex_hu * 0.8, cancellous_hu).astype(np.float32)
+        sub = hu[ks[0]:ks[-1] + 1]
+        sub[:, st_mask] = vals2d[st_mask]
+
+
+# ----------------------------------------------------------------------------------------------
+# Nodules
+# ----------------------------------------------------------------------------------------------
+
+
+def _weighted(rng, names: Sequence[str], table: dict[str, float]) -> str:
+    w = np.array([table.get(n, 1.0) for n in names], float)
+    return str(names[rng.choice(len(names), p=w / w.sum())])
+
+
+def _place_nodule(rng, grid: _Grid, anat: _Anatomy, body: _Body, r: float, attachment: str,
+                  taken: list[tuple[np.ndarray, float]]) -> np.ndarray | None:
+    """A centre for a nodule of radius r with the wanted attachment, clear of the other nodules."""
+    lo = np.array([-body.a, body.yc - body.b, body.z_base])
+    hi = np.array([body.a, body.yc + body.b, body.z_apex])
+    reach = r * 1.25 + 1.0
+    vessels = [t for t in anat.vessels if 0.8 <= (t.r0 + t.r1) / 2 <= 3.5]
+    for _ in range(80):
+        if attachment == "vascular" and vessels:
+            t = vessels[rng.integers(len(vessels))]
+            p = t.p0 + rng.uniform(0.2, 0.8) * (t.p1 - t.p0)
+            w = _perpendicular(_unit(t.p1 - t.p0), rng)
+            c = p + w * ((t.r0 + t.r1) / 2 + r * rng.uniform(0.6, 0.9))
+            if not grid.inside(anat.lung, c + reach * _SPHERE).all():
+                continue
+        else:
+            p = rng.uniform(lo, hi)
+            if not grid.inside(anat.lung, p):
+                continue
+            if attachment == "pleural":
+                a = rng.uniform(0, 2 * np.pi)
+                d = _unit(np.array([math.cos(a), math.sin(a), rng.uniform(-0.3, 0.3)]))
+                steps = p + d * np.arange(1.0, 200.0, 1.0)[:, None]
+                out = ~grid.inside(anat.lung, steps)
+                if not out.any():
+                    continue
+                b = steps[max(int(np.argmax(out)) - 1, 0)]
+                beyond = grid.index(b + np.outer([2.0, 5.0], d))
+                if np.any((beyond < 0) | (beyond >= grid.shape)):
+                    continue
+                if np.any(anat.hu[beyond[:, 0], beyond[:, 1], beyond[:, 2]] < -300):
+                    continue  # an airway, not the pleura
+                c = b - d * r * rng.uniform(0.55, 0.9)
+                if not grid.inside(anat.lung, np.stack([c, c - d * (r + 2.0)])).all():
+                    continue
+                if grid.inside(anat.lung, c + reach * _SPHERE).mean() < 0.55:
+                    continue
+            else:
+                c = p
+                if not grid.inside(anat.lung, c + (reach + 1.5) * _SPHERE).all():
+                    continue
+        if all(np.linalg.norm(c - q) > r + rq + 4.0 for q, rq in taken):
+            return c
+    return None
+
+
+def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarray, r: float, kind: str,
+                 edge: float) -> None:
+    """Lobulated (sometimes spiculated) ellipsoid; part-solid = solid core inside a ground-glass halo."""
+    axes = rng.uniform(0.85, 1.15, 3)
+    axes *= r / np.prod(axes) ** (1 / 3)
+    rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    n_lobes = int(rng.integers(3, 8))
+    lobe_dir = _unit(rng.normal(size=(n_lobes, 3)).T).T
+    lobe_dir /= np.linalg.norm(lobe_dir, axis=1, keepdims=True)
+    lobe_amp = rng.uniform(-0.08, 0.15, n_lobes)
+    lobe_w = rng.uniform(0.15, 0.4, n_lobes)
+    if kind == "solid" and r > 4.0 and rng.random() < 0.3:  # spicules
+        n_sp = int(rng.integers(4, 10))
+        sp_dir = rng.normal(size=(n_sp, 3))
+        lobe_dir = np.vstack([lobe_dir, sp_dir / np.linalg.norm(sp_dir, axis=1, keepdims=True)])
+        lobe_amp = np.concatenate([lobe_amp, rng.uniform(0.3, 0.7, n_sp)])
+        lobe_w = np.concatenate([lobe_w, rng.uniform(0.004, 0.012, n_sp)])
+    reach = axes.max() * (1.0 + max(lobe_amp.max(), 0.0)) + 2 * edge
+    sl = grid.box(c - reach, c + reach)
+    if sl is None:
+        return
+    z, y, x = grid.box_coords(sl)
+    dx, dy, dz = x - c[0], y - c[1], z - c[2]
+    u = [(rot[0, a] * dx + rot[1, a] * dy + rot[2, a] * dz) / axes[a] for a in range(3)]
+    rho = np.sqrt(u[0] ** 2 + u[1] ** 2 + u[2] ** 2) + 1e-6
+    surface = np.ones_like(rho)
+    for k, amp, w in zip(lobe_dir, lobe_amp, lobe_w):
+        cos = (u[0] * k[0] + u[1] * k[1] + u[2] * k[2]) / rho
+        surface += amp * np.exp((cos - 1.0) / w)
+    cov = np.clip((surface - rho) * r / edge + 0.5, 0.0, 1.0) * lung[sl]
+    if kind == "solid":
+        value = np.float32(rng.uniform(0.0, 60.0))
+    else:
+        value = np.full(rho.shape, rng.uniform(-600.0, -320.0), np.float32)
+        if kind == "part-solid":
+            f = rng.uniform(0.3, 0.6)
+            off = rng.uniform(-1, 1, 3) * (1 - f) * 0.4
+            rc = np.sqrt((u[0] - off[0]) ** 2 + (u[1] - off[1]) ** 2 + (u[2] - off[2]) ** 2)
+            core = np.clip((f - rc) * r / edge + 0.5, 0.0, 1.0)
+            value += core * (rng.uniform(0.0, 50.0) - value)
+    h = hu[sl]
+    hu[sl] = np.maximum(h, h + cov * (value - h))
+
+
+def _add_nodules(rng, grid, anat, body, n_range, diameter_range, kinds, attachments, edge) -> list[NoduleSpec]:
+    n = int(rng.integers(n_range[0], n_range[1] + 1))
+    lo, hi = np.log(diameter_range[0]), np.log(diameter_range[1])
+    taken: list[tuple[np.ndarray, float]] = []
+    specs = []
+    for _ in range(n):
+        kind = _weighted(rng, kinds, _KIND_WEIGHTS)
+        attachment = _weighted(rng, attachments, _ATTACHMENT_WEIGHTS)
+        d = float(np.exp(rng.uniform(lo, hi)))  # log-uniform: small nodules are the common ones
+        c = None
+        while c is None and d >= diameter_range[0] * 0.999:
+            c = _place_nodule(rng, grid, anat, body, d / 2, attachment, taken)
+            if c is None:
+                d *= 0.85
+        if c is None:
+            continue
+        _draw_nodule(rng, grid, anat.hu, anat.lung, c, d / 2, kind, edge)
+        taken.append((c, d / 2))
+        specs.append(NoduleSpec(tuple(round(float(v), 2) for v in c), round(d, 2), kind, attachment))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanner: noise and reconstruction kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_energy(sigma: float) -> float:
+    """Sum of squared weights of scipy's discrete Gaussian (how much it shrinks white noise variance)."""
+    if sigma <= 0:
+        return 1.0
+    delta = np.zeros(64)
+    delta[32] = 1.0
+    return float((ndimage.gaussian_filter1d(delta, sigma) ** 2).sum())
+
+
+def _scan(rng, hu: np.ndarray, spacing, noise_hu, blur_mm, body: _Body) -> np.ndarray:
+    """Add correlated noise (white noise shaped by the kernel blur) and quantise to int16."""
+    sigma_ij = rng.uniform(*blur_mm) / spacing[0]
+    sigma_k = 0.3
+    target = rng.uniform(*noise_hu) * (body.a / 150.0)  # bigger patients: noisier images
+    gain = target / math.sqrt(_kernel_energy(sigma_ij) ** 2 * _kernel_energy(sigma_k))
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    noise *= np.float32(gain)
+    hu += noise
+    del noise
+    out = ndimage.gaussian_filter(hu, (sigma_k, sigma_ij, sigma_ij), truncate=3.0)
+    np.clip(out, -1024, 3071, out=out)
+    return out.astype(np.int16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def make_phantom(
+    seed: int,
+    *,
+    spacing: Sequence[float] = (0.7, 0.7, 2.5),
+    field_of_view_mm: float | Sequence[float] = (358.0, 358.0, 330.0),
+    n_nodules: tuple[int, int] = (1, 4),
+    diameter_range_mm: tuple[float, float] = (4.0, 25.0),
+    kinds: Sequence[str] = KINDS,
+    attachments: Sequence[str] = ATTACHMENTS,
+    noise_hu: tuple[float, float] = (8.0, 30.0),
+    blur_mm: tuple[float, float] = (0.25, 0.75),
+    z_fov_fraction: tuple[float, float] = (0.75, 1.0),
+) -> Phantom:
+    """A synthetic chest CT for `seed` (same seed, same phantom).
+
+    field_of_view_mm is (x, y, z) or one number for a square in-plane field (z stays 330 mm); the
+    scanned z length is that times a random fraction in z_fov_fraction. n_nodules is an inclusive
+    range; kinds/attachments restrict what is drawn (solid, attached nodules are the common ones).
+    """
+    unknown = (set(kinds) - set(KINDS)) | (set(attachments) - set(ATTACHMENTS))
+    if unknown:
+        raise ValueError(f"unknown nodule kind/attachment: {sorted(unknown)}")
+    fov = (float(field_of_view_mm),) * 2 + (330.0,) if np.isscalar(field_of_view_mm) else tuple(field_of_view_mm)
+    sx, sy, sz = (float(s) for s in spacing)
+    rng = np.random.default_rng(seed)
+    ni, nj = math.ceil(fov[0] / sx - 1e-6), math.ceil(fov[1] / sy - 1e-6)
+    nk = max(16, int(round(fov[2] * rng.uniform(*z_fov_fraction) / sz)))
+    origin = (-(ni - 1) * sx / 2, -(nj - 1) * sy / 2, rng.uniform(-420.0, -150.0))
+    grid = _Grid((nk, nj, ni), (sx, sy, sz), origin)
+    body = _sample_body(rng, grid, fov[0])
+    anat = _build_anatomy(rng, grid, body)
+    edge = 0.8 * min(sx, sy) + 0.3
+    nodules = _add_nodules(rng, grid, anat, body, n_nodules, diameter_range_mm, list(kinds), list(attachments), edge)
+    hu = _scan(rng, anat.hu, (sx, sy, sz), noise_hu, blur_mm, body)
+    return Phantom(hu=hu, spacing=(sx, sy, sz), origin=tuple(float(o) for o in origin), nodules=nodules)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------------------
+
+
+def write_dicom_series(
+    phantom: Phantom,
+    out_dir: Path,
+    *,
+    patient_id: str,
+    patient_name: str = "PHANTOM^LUNG",
+    study_instance_uid: str | None = None,
+    accession_number: str = "",
+    series_description: str = "Synthetic chest CT",
+    transfer_syntax_uid: str | None = None,
+    series_number: int = 1,
+) -> list[Path]:
+    """Write the phantom as a CT Image Storage series, one file per slice (file names shuffled).
+
+    Stored values are HU + 1024 (unsigned 16 bit, RescaleIntercept -1024). A compressed transfer
+    syntax (e.g. RLE Lossless, JPEG 2000 Lossless) is encoded with pydicom's ``Dataset.compress``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        CTImageStorage,
+        ExplicitVRLittleEndian,
+        UID,
+        generate_uid,
+    )
+
+    ts = UID(transfer_syntax_uid or ExplicitVRLittleEndian)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_instance_uid or generate_uid()
+    series_uid, frame_uid = generate_uid(), generate_uid()
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    nk, nj, ni = phantom.hu.shape
+    sx, sy, sz = phantom.spacing
+    stored = (np.clip(phantom.hu.astype(np.int32), -1024, 64511) + 1024).astype(np.uint16)
+
+    # File names in a shuffled order so readers must sort by ImagePositionPatient.
+    order = list(range(nk))
+    random.Random(series_uid).shuffle(order)
+    if nk > 1 and order == sorted(order):
+        order.reverse()
+
+    paths = []
+    for n, k in enumerate(range(nk - 1, -1, -1)):  # instance 1 = most superior slice, as scanners do
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+        ds.AccessionNumber = accession_number
+        ds.Modality = "CT"
+        ds.Manufacturer = "lungnode"
+        ds.ManufacturerModelName = "synthetic phantom"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "Chest CT"
+        ds.SeriesDescription = series_description
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = f"{sz:g}"
+        ds.KVP = "120"
+        ds.DataCollectionDiameter = f"{ni * sx:.1f}"
+        ds.ReconstructionDiameter = f"{ni * sx:.1f}"
+        ds.ConvolutionKernel = "STANDARD"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = series_number
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = n + 1
+        z = phantom.origin[2] + k * sz
+        ds.ImagePositionPatient = [f"{phantom.origin[0]:.4f}", f"{phantom.origin[1]:.4f}", f"{z:.4f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = f"{z:.4f}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = nj, ni
+        ds.PixelSpacing = [f"{sy:g}", f"{sx:g}"]  # row spacing, column spacing
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        if ts.is_compressed:
+            ds.compress(ts, stored[k])
+        else:
+            meta.TransferSyntaxUID = ts
+            ds.PixelData = stored[k].tobytes()
+        path = out_dir / f"IM{order[k]:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_nifti(phantom: Phantom, path: Path) -> Path:
+    """Write the volume with its LPS geometry (SimpleITK stores it as NIfTI's RAS header)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(phantom.hu)
+    img.SetSpacing(tuple(float(s) for s in phantom.spacing))
+    img.SetOrigin(tuple(float(o) for o in phantom.origin))
+    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path), useCompression=path.suffix == ".gz")
+    return path
+
+
+def phantom_seed(seed: int, index: int) -> int:
+    """Seed of the index-th phantom of a data set made with `seed` (independent streams)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def generate_dataset(out_dir: Path, n: int, seed: int, *, fmt: str = "nifti",
+                     spacing: Sequence[float] = (0.7, 0.7, 2.5), **phantom_kw) -> Path:
+    """Write n phantoms and a MONAI-style datalist.json (boxes: LPS world mm, "cccwhd"); returns its path."""
+    from tqdm import tqdm
+
+    if fmt not in ("nifti", "dicom"):
+        raise ValueError(f"format must be 'nifti' or 'dicom', not {fmt!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for idx in tqdm(range(n), desc="phantoms", unit="phantom"):
+        s = phantom_seed(seed, idx)
+        ph = make_phantom(s, spacing=spacing, **phantom_kw)
+        name = f"phantom_{idx:05d}"
+        if fmt == "nifti":
+            target = write_nifti(ph, out_dir / "images" / f"{name}.nii.gz")
+        else:
+            target = out_dir / "images" / name
+            write_dicom_series(ph, target, patient_id=f"PHANTOM{idx:05d}", patient_name=f"PHANTOM^{idx:05d}")
+        entries.append({
+            "image": target.relative_to(out_dir).as_posix(),
+            "box": [[*nod.center_mm, nod.diameter_mm, nod.diameter_mm, nod.diameter_mm] for nod in ph.nodules],
+            "label": [0] * len(ph.nodules),
+            "diameter_mm": [nod.diameter_mm for nod in ph.nodules],
+            "kind": [nod.kind for nod in ph.nodules],
+            "attachment": [nod.attachment for nod in ph.nodules],
+            "seed": s,
+        })
+    datalist = out_dir / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries}, indent=1))
+    return datalist
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def _size_bin(d: float) -> str:
+    return "<6 mm" if d < 6 else "6-10 mm" if d < 10 else "10-20 mm" if d < 20 else ">=20 mm"
+
+
+def summarize(datalist: Path) -> str:
+    """Readable summary of a generated data set: counts by size, kind and attachment."""
+    entries = json.loads(Path(datalist).read_text())["training"]
+    sizes = Counter(_size_bin(d) for e in entries for d in e["diameter_mm"])
+    kinds = Counter(k for e in entries for k in e["kind"])
+    attach = Counter(a for e in entries for a in e["attachment"])
+    total = sum(kinds.values())
+    order = ["<6 mm", "6-10 mm", "10-20 mm", ">=20 mm"]
+    return "\n".join([
+        f"{len(entries)} phantoms, {total} nodules, written under {Path(datalist).parent}",
+        "  by size:       " + ", ".join(f"{b} {sizes[b]}" for b in order),
+        "  by kind:       " + ", ".join(f"{k} {kinds[k]}" for k in KINDS),
+        "  by attachment: " + ", ".join(f"{a} {attach[a]}" for a in ATTACHMENTS),
+        f"  datalist:      {datalist}",
+    ])
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    datalist = generate_dataset(Path(args.out), args.n, args.seed, fmt=args.format, spacing=tuple(args.spacing))
+    print(summarize(datalist))
+    return 0
+
+
+def add_command(tsub) -> None:
+    """Register `lungnode train synth`."""
+    p = tsub.add_parser("synth", help="write synthetic chest CT phantoms with known nodules and a datalist.json")
+    p.add_argument("--out", required=True, help="output folder (images/ and datalist.json)")
+    p.add_argument("--n", type=int, default=10, help="number of phantoms")
+    p.add_argument("--seed", type=int, default=0, help="data set seed (same seed, same phantoms)")
+    p.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 2.5), metavar=("X", "Y", "Z"),
+                   help="voxel size in mm (column, row, slice)")
+    p.set_defaults(func=_cmd_synth)
