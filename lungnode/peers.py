@@ -48,13 +48,13 @@ class OrthancServer:
     """A throw-away Orthanc (Debian package) with its own storage, on free loopback ports."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, dicom_port: int | None = None) -> None:
         self.binary = binary or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(self.binary).exists():
             raise FileNotFoundError("Orthanc is not installed: apt-get install orthanc")
         self.workdir = workdir
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.modalities = modalities or {}

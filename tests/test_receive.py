@@ -99,6 +99,8 @@ def test_corrupt_file_gets_failure_status_is_quarantined_and_node_keeps_serving(
     broken.SOPClassUID = CTImageStorage
     broken.SOPInstanceUID = "1.2.3.4.5.6.7"
     broken.PatientID = "NO-UIDS"  # no study/series UIDs, no pixels
+    broken.file_meta = pydicom.dataset.FileMetaDataset()
+    broken.file_meta.TransferSyntaxUID = good.file_meta.TransferSyntaxUID
     status = assoc.send_c_store(broken)
     assert status.Status != 0x0000
     ok = assoc.send_c_store(good)  # the same association still works
@@ -123,7 +125,7 @@ def test_compressed_transfer_syntaxes_are_received_and_decoded(scp, small_ct_ser
         if syntax == DeflatedExplicitVRLittleEndian:
             ds.file_meta.TransferSyntaxUID = syntax
         else:
-            ds.compress(syntax)
+            ds.compress(syntax, generate_instance_uid=False)
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     for f in stored_files(scp):

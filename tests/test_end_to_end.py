@@ -1,0 +1,182 @@
+"""The whole path with real parts: a real Orthanc routes a CT study to a real `lungnode serve` process,
+which sends SR + key images back into the same Orthanc study."""
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from lungnode.peers import PEER_ENV, NodeProcess, OrthancServer, free_port, wait_for
+from tests.conftest import lidc_series, need_tool
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+
+
+def content_items(ds, value_type: str):
+    """Every content item of one value type in an SR tree."""
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == value_type:
+            yield item
+        yield from content_items(item, value_type)
+
+
+def sr_points(sr) -> list[np.ndarray]:
+    return [np.array(i.GraphicData, dtype=float) for i in content_items(sr, "SCOORD3D") if i.GraphicType == "POINT"]
+
+
+def dciodvfy_errors(ds) -> list[str]:
+    tool = need_tool("dciodvfy")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    out = subprocess.run([tool, "/dev/stdin"], input=buf.getvalue(), capture_output=True)
+    return [ln for ln in out.stderr.decode(errors="replace").splitlines() if ln.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def pacs_and_node(tmp_path_factory):
+    need_tool("Orthanc")
+    work = tmp_path_factory.mktemp("e2e")
+    node_port = free_port()
+    orthanc = OrthancServer(work / "orthanc", modalities={"lungnode": ("LUNGNODE", "127.0.0.1", node_port)})
+    orthanc.start()
+    node = NodeProcess(work / "node", stable_seconds=2, pacs=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                       orthanc_url=orthanc.url, allowed_callers="ORTHANC,STORESCU", send_retry_first_seconds=1)
+    node.dicom_port = node_port
+    node.env["LUNGNODE_DICOM_PORT"] = str(node_port)
+    node.start()
+    yield orthanc, node
+    node.stop()
+    orthanc.stop()
+
+
+def phantom_study(tmp_path: Path, seed: int, patient_id: str):
+    from lungnode.training.synth import make_phantom, write_dicom_series
+
+    phantom = make_phantom(seed, spacing=(0.703125, 0.703125, 2.5), field_of_view_mm=(360.0, 360.0, 200.0),
+                           n_nodules=(2, 3), diameter_range_mm=(8.0, 20.0))
+    files = write_dicom_series(phantom, tmp_path / patient_id, patient_id=patient_id, accession_number=f"ACC-{seed}")
+    return phantom, files
+
+
+def wait_done(node: NodeProcess, study_uid: str, version: int = 1, timeout: float = 600) -> dict:
+    def delivered() -> bool:
+        s = node.study(study_uid)
+        return bool(s and s["version"] >= version and s["state"] in ("done", "not_processed") and s["deliveries"]
+                    and s["deliveries"][-1]["state"] == "sent")
+    wait_for(delivered, timeout, f"study {study_uid} to be processed and delivered", interval=0.5)
+    return node.study(study_uid)
+
+
+def result_objects(orthanc: OrthancServer, study_uid: str) -> tuple[list, list]:
+    srs, scs = [], []
+    for series in orthanc.series_of_study(study_uid):
+        for raw in orthanc.instance_files(series):
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            if ds.SOPClassUID == SR_CLASS:
+                srs.append(ds)
+            elif ds.SOPClassUID in SC_CLASSES:
+                scs.append(ds)
+    return srs, scs
+
+
+def assert_finds(phantom, sr) -> None:
+    points = sr_points(sr)
+    for nodule in phantom.nodules:
+        d = [np.linalg.norm(p - np.array(nodule.center_mm)) for p in points]
+        assert d and min(d) <= nodule.diameter_mm / 2, (
+            f"{nodule.diameter_mm:.1f} mm {nodule.kind} nodule at {nodule.center_mm} not found; SR points {points}")
+
+
+def test_orthanc_routed_phantom_study_comes_back_with_sr_and_key_images(pacs_and_node, tmp_path):
+    orthanc, node = pacs_and_node
+    phantom, files = phantom_study(tmp_path, 90001, "E2E-ORTHANC")
+    (study_id,) = orthanc.upload(files)
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    orthanc.send_to_modality("lungnode", study_id)  # what the PACS routing rule does
+    state = wait_done(node, study_uid)
+    assert state["state"] == "done", state
+    srs, scs = result_objects(orthanc, study_uid)
+    assert len(srs) == 1, "one SR in the same Orthanc study"
+    sr = srs[0]
+    assert sr.StudyInstanceUID == study_uid and sr.PatientID == "E2E-ORTHANC" and sr.AccessionNumber == "ACC-90001"
+    assert_finds(phantom, sr)
+    assert len(scs) == len(sr_points(sr)) >= len(phantom.nodules), "one key image per finding"
+    assert dciodvfy_errors(sr) == []
+
+
+def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_path):
+    orthanc, node = pacs_and_node
+    phantom, files = phantom_study(tmp_path, 90002, "E2E-STORESCU")
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    sent = subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",
+                           str(node.dicom_port), *map(str, files)], env=PEER_ENV, capture_output=True, text=True)
+    assert sent.returncode == 0, sent.stderr
+    wait_done(node, study_uid)
+    srs, _ = result_objects(orthanc, study_uid)
+    assert len(srs) == 1
+    assert_finds(phantom, srs[0])
+    first_series = srs[0].SeriesInstanceUID
+
+    late = pydicom.dcmread(files[0])
+    late.ImageComments = "re-sent after a correction"
+    late.save_as(tmp_path / "late.dcm")
+    subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",
+                    str(node.dicom_port), str(tmp_path / "late.dcm")], env=PEER_ENV, check=True)
+    wait_done(node, study_uid, version=2)
+    wait_for(lambda: len(result_objects(orthanc, study_uid)[0]) == 1, 30, "the old SR to be replaced")
+    srs, _ = result_objects(orthanc, study_uid)
+    assert len(srs) == 1 and srs[0].SeriesInstanceUID != first_series, "results replaced, not duplicated"
+
+
+def test_unknown_caller_is_rejected(pacs_and_node):
+    _, node = pacs_and_node
+    out = subprocess.run([need_tool("echoscu"), "-aet", "STRANGER", "-aec", "LUNGNODE", "127.0.0.1",
+                          str(node.dicom_port)], env=PEER_ENV, capture_output=True, text=True)
+    assert out.returncode != 0 and "reject" in out.stderr.lower()
+
+
+def test_real_lidc_series_goes_through_the_whole_path(pacs_and_node):
+    orthanc, node = pacs_and_node
+    files = lidc_series("LIDC-IDRI-0001")
+    (study_id,) = orthanc.upload(files)
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    orthanc.send_to_modality("lungnode", study_id)
+    state = wait_done(node, study_uid)
+    assert state["state"] == "done", state
+    srs, scs = result_objects(orthanc, study_uid)
+    assert len(srs) == 1 and srs[0].PatientID == "LIDC-IDRI-0001"
+    assert dciodvfy_errors(srs[0]) == []
+    assert len(scs) == len(sr_points(srs[0]))
+    print(f"LIDC-IDRI-0001: {len(sr_points(srs[0]))} finding(s) in {state['seconds']:.1f} s")
+
+
+def test_node_killed_after_receiving_delivers_after_restart_once_pacs_is_up(tmp_path):
+    """Crash after the acknowledgement, PACS down at first: the results still arrive, exactly once."""
+    need_tool("Orthanc")
+    pacs_port = free_port()
+    node = NodeProcess(tmp_path / "node", stable_seconds=3600, pacs=f"ORTHANC@127.0.0.1:{pacs_port}",
+                       send_retry_first_seconds=1, send_retry_max_seconds=2)
+    node.start()
+    phantom, files = phantom_study(tmp_path, 90003, "E2E-RESTART")
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    subprocess.run([need_tool("storescu"), "-aet", "PACS", "-aec", "LUNGNODE", "127.0.0.1", str(node.dicom_port),
+                    *map(str, files)], env=PEER_ENV, check=True, capture_output=True)
+    node.kill()  # SIGKILL right after the images were acknowledged
+
+    node.env["LUNGNODE_STABLE_SECONDS"] = "1"
+    node.start()
+    wait_for(lambda: (s := node.study(study_uid)) and s["deliveries"] and s["deliveries"][0]["attempts"] >= 1,
+             600, "processing and a first (failed) delivery attempt", interval=0.5)
+    assert node.study(study_uid)["deliveries"][0]["state"] == "pending"
+    with OrthancServer(tmp_path / "orthanc", dicom_port=pacs_port) as orthanc:
+        wait_done(node, study_uid)
+        srs, _ = result_objects(orthanc, study_uid)
+        assert len(srs) == 1
+        assert_finds(phantom, srs[0])
+    node.stop()
