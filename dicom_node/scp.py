@@ -32,6 +32,7 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 
 from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
+from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class StorageSCP:
         self.store = store
         self.db = db
         self._server = None
+        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from the sender
         if settings.allowed_callers:
@@ -72,6 +74,8 @@ class StorageSCP:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
 
     def start(self) -> None:
+        self.journal.replay()
+        self.journal.start()
         handlers = [(evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self._on_store)]
         self._server = self.ae.start_server(
             (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers)
@@ -82,6 +86,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.journal.stop()
 
     def _on_store(self, event: evt.Event) -> tuple[int, object] | int:
         caller = event.assoc.requestor.ae_title
@@ -91,27 +96,32 @@ class StorageSCP:
         return outcome.status
 
     def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreOutcome:
-        """Parse just the header, store the bytes as sent, index them."""
+        """Check the header, journal the bytes as sent; they are filed and indexed in the background."""
         try:
             ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
-            study_uid = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-            sop_uid = str(ds.SOPInstanceUID)
+            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
         except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OSError, TypeError) as exc:
             return self._reject(data, caller, CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}")
+        if missing:
+            return self._reject(data, caller, CANNOT_UNDERSTAND, f"cannot parse the data set: no {', '.join(missing)}")
+        sop_uid = str(ds.SOPInstanceUID)
         if affected_sop_uid and sop_uid != str(affected_sop_uid):
             return self._reject(data, caller, DATASET_MISMATCH,
                                 f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             return self._reject(data, caller, DATASET_MISMATCH, "the image has no pixel data")
         try:
-            stored = self.store.store(study_uid, series_uid, sop_uid, data)
+            self.journal.append(data, caller)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StoreOutcome(OUT_OF_RESOURCES, f"disk full: {exc}")
-            return StoreOutcome(OUT_OF_RESOURCES, f"cannot write: {exc}")
-        self.db.record_instance(InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller))
+            kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+            return StoreOutcome(OUT_OF_RESOURCES, f"{kind}: {exc}")
         return StoreOutcome(SUCCESS)
+
+    def file_instance(self, data: bytes, caller: str) -> None:
+        """Write one journalled instance to its own file (durably) and index it."""
+        ds = dcmread(BytesIO(data), defer_size=1024)
+        stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
+        self.db.record_instance(InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller))
 
     def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreOutcome:
         try:

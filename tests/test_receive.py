@@ -36,12 +36,16 @@ def scp(tmp_path):
 
 
 def storescu(scp: StorageSCP, files: list[Path], aet: str = "STORESCU") -> subprocess.CompletedProcess:
-    return subprocess.run([need_tool("storescu"), "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
+    """Send with DCMTK, then wait until the node has filed what it acknowledged."""
+    done = subprocess.run([need_tool("storescu"), "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
                            str(scp.settings.dicom_port), *map(str, files)], capture_output=True, text=True,
                           env=PEER_ENV, timeout=120)
+    scp.journal.flush()
+    return done
 
 
 def stored_files(scp: StorageSCP) -> list[Path]:
+    scp.journal.flush()
     return sorted(scp.settings.incoming_dir.glob("*/*/*.dcm"))
 
 

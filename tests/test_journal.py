@@ -1,0 +1,61 @@
+"""The write-ahead journal: what was acknowledged is filed, even after a crash; torn tails are not."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from lungnode.dicom_node.journal import IngestJournal, read_records
+
+
+def test_records_left_by_a_crash_are_filed_at_the_next_start(tmp_path):
+    filed: list[tuple[bytes, str]] = []
+    crashed = IngestJournal(tmp_path, lambda d, c: None)
+    for i in range(5):
+        crashed.append(bytes([i]) * 1000, f"AE{i}")  # acknowledged, never filed: the process died
+    segment = next(tmp_path.glob("seg-*.log"))
+    with open(segment, "ab") as f:
+        f.write(b"LNJ1\x10\x00")  # the start of a record whose write the crash cut short
+    restarted = IngestJournal(tmp_path, lambda d, c: filed.append((d, c)))
+    assert restarted.replay() == 5
+    assert filed == [(bytes([i]) * 1000, f"AE{i}") for i in range(5)]
+    assert list(tmp_path.glob("seg-*")) == []
+
+
+def test_background_filing_empties_the_journal(tmp_path):
+    filed = []
+    journal = IngestJournal(tmp_path, lambda d, c: filed.append(d))
+    journal.start()
+    for i in range(20):
+        journal.append(os.urandom(10_000), "PACS")
+    journal.flush()
+    journal.stop()
+    assert len(filed) == 20 and list(tmp_path.glob("seg-*")) == []
+
+
+def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
+    journal = IngestJournal(tmp_path, lambda d, c: None)
+    journal.append(b"first", "PACS")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    with pytest.raises(OSError):
+        journal.append(b"x" * 5000, "PACS")
+    monkeypatch.undo()
+    journal.append(b"third", "PACS")
+    records = list(read_records(next(tmp_path.glob("seg-*.log"))))
+    assert [d for d, _ in records] == [b"first", b"third"]
+
+
+def test_corrupt_record_stops_reading(tmp_path):
+    journal = IngestJournal(tmp_path, lambda d, c: None)
+    journal.append(b"a" * 100, "PACS")
+    journal.append(b"b" * 100, "PACS")
+    segment = next(tmp_path.glob("seg-*.log"))
+    raw = bytearray(segment.read_bytes())
+    raw[-10] ^= 0xFF  # a flipped bit in the second record
+    segment.write_bytes(bytes(raw))
+    assert [d for d, _ in read_records(segment)] == [b"a" * 100]
