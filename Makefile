@@ -22,9 +22,11 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
+	@test -x /usr/sbin/Orthanc || (apt-get update -q && apt-get install -y -q orthanc)
 	$(BIN)/python -m lungnode.demo
 
 bench: install
+	@command -v storescu >/dev/null && test -x /usr/sbin/Orthanc || (apt-get update -q && apt-get install -y -q orthanc dcmtk)
 	$(BIN)/python -m lungnode.bench
 
 clean:
