@@ -15,8 +15,9 @@ import argparse
 import json
 import math
 import random
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -63,10 +64,14 @@ class _Grid:
     spacing: tuple[float, float, float]  # (i, j, k)
     origin: tuple[float, float, float]
 
+    @cached_property
+    def _axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple((self.origin[a] + self.spacing[a] * np.arange(self.shape[2 - a])).astype(np.float32)
+                     for a in range(3))
+
     def axis(self, a: int) -> np.ndarray:
         """World coordinate of every index along axis a (0 = x/i, 1 = y/j, 2 = z/k), float32."""
-        n = self.shape[2 - a]
-        return (self.origin[a] + self.spacing[a] * np.arange(n)).astype(np.float32)
+        return self._axes[a]
 
     def index(self, p: np.ndarray) -> np.ndarray:
         """World points (..., 3) -> nearest (k, j, i) indices (..., 3), not clipped."""
@@ -82,15 +87,17 @@ class _Grid:
         out[ok] = mask[kji[:, 0], kji[:, 1], kji[:, 2]]
         return out
 
-    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
+    def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
         """(k, j, i) slices covering the world box [lo, hi], or None when it misses the grid."""
-        a = np.floor((np.asarray(lo) - self.origin) / self.spacing).astype(int)
-        b = np.ceil((np.asarray(hi) - self.origin) / self.spacing).astype(int) + 1
-        a = np.maximum(a, 0)
-        b = np.minimum(b, self.shape[::-1])
-        if np.any(b <= a):
-            return None
-        return slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0])
+        out = []
+        for a in (2, 1, 0):  # plain floats: this runs once per vessel piece
+            o, s, n = self.origin[a], self.spacing[a], self.shape[2 - a]
+            i0 = max(math.floor((lo[a] - o) / s), 0)
+            i1 = min(math.ceil((hi[a] - o) / s) + 1, n)
+            if i1 <= i0:
+                return None
+            out.append(slice(i0, i1))
+        return tuple(out)
 
     def box_coords(self, sl: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable z (k,1,1), y (1,j,1), x (1,1,i) world coordinates of a box."""
@@ -100,14 +107,15 @@ class _Grid:
         return z, y, x
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / (np.linalg.norm(v) + 1e-9)
+def _units(v: np.ndarray) -> np.ndarray:
+    """Rows (or one vector) scaled to unit length."""
+    return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-9)
 
 
-def _perpendicular(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random unit vector perpendicular to d."""
-    v = rng.normal(size=3)
-    return _unit(v - d * np.dot(v, d))
+def _perpendiculars(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random unit vector perpendicular to each row (or to the one vector) d."""
+    v = rng.normal(size=d.shape)
+    return _units(v - d * (v * d).sum(-1, keepdims=True))
 
 
 def _fibonacci_sphere(n: int) -> np.ndarray:
@@ -130,26 +138,29 @@ _SPHERE = _fibonacci_sphere(40)
 class _Tube:
     """A tapered capsule: one piece of a vessel or airway."""
 
-    p0: np.ndarray
-    p1: np.ndarray
+    p0: Sequence[float]  # world mm
+    p1: Sequence[float]
     r0: float
     r1: float
 
 
 def _tube_coverage(grid: _Grid, t: _Tube, grow: float, edge: float):
     """(box, fraction of each voxel inside the tube widened by `grow` mm) or None."""
+    (x0, y0, z0), (x1, y1, z1) = t.p0, t.p1
     rmax = max(t.r0, t.r1) + grow + edge
-    sl = grid.box(np.minimum(t.p0, t.p1) - rmax, np.maximum(t.p0, t.p1) + rmax)
+    sl = grid.box((min(x0, x1) - rmax, min(y0, y1) - rmax, min(z0, z1) - rmax),
+                  (max(x0, x1) + rmax, max(y0, y1) + rmax, max(z0, z1) + rmax))
     if sl is None:
         return None
     z, y, x = grid.box_coords(sl)
-    d = (t.p1 - t.p0).astype(np.float32)
-    dx, dy, dz = x - t.p0[0], y - t.p0[1], z - t.p0[2]
-    length2 = float(np.dot(d, d)) + 1e-6
-    s = np.clip((dx * d[0] + dy * d[1] + dz * d[2]) / length2, 0.0, 1.0)
-    dist = np.sqrt((dx - s * d[0]) ** 2 + (dy - s * d[1]) ** 2 + (dz - s * d[2]) ** 2)
-    radius = t.r0 + (t.r1 - t.r0) * s + grow
-    return sl, np.clip((radius - dist) / edge + 0.5, 0.0, 1.0)
+    ax, ay, az = x1 - x0, y1 - y0, z1 - z0
+    dx, dy, dz = x - np.float32(x0), y - np.float32(y0), z - np.float32(z0)
+    s = (dx * np.float32(ax / (ax * ax + ay * ay + az * az + 1e-6)) + dy * np.float32(ay / (ax * ax + ay * ay + az * az + 1e-6))
+         + dz * np.float32(az / (ax * ax + ay * ay + az * az + 1e-6)))
+    np.clip(s, 0.0, 1.0, out=s)
+    dist = np.sqrt((dx - s * np.float32(ax)) ** 2 + (dy - s * np.float32(ay)) ** 2 + (dz - s * np.float32(az)) ** 2)
+    cov = (np.float32(t.r0 + grow + edge / 2) + np.float32(t.r1 - t.r0) * s - dist) * np.float32(1.0 / edge)
+    return sl, np.clip(cov, 0.0, 1.0, out=cov)
 
 
 def _paint_tubes(hu, grid, tubes, value, edge, *, grow=0.0, within=None, brighten_only=False):
@@ -201,9 +212,8 @@ def _sample_body(rng: np.random.Generator, grid: _Grid, fov_x: float) -> _Body:
     z_base = z_apex - length
     wall = rng.uniform(7.0, 13.0)
     fat = rng.uniform(4.0, 24.0)
-    cav_b = b - fat - wall
     rv = rng.uniform(15.0, 21.0)
-    ys = yc + cav_b - rv + rng.uniform(6.0, 14.0)
+    ys = yc + b - fat - rv - rng.uniform(45.0, 55.0) * b / 110.0
     return _Body(
         a=a, b=b, yc=yc, fat=fat, wall=wall, z_apex=z_apex, z_base=z_base,
         z_hilum=z_apex - length * rng.uniform(0.38, 0.48), ys=ys, rv=rv,
@@ -232,13 +242,12 @@ class _Anatomy:
 
 
 def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anatomy:
-    nk, nj, ni = grid.shape
+    nj, ni = grid.shape[1:]
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
     X, Y = x[None, :], y[:, None]  # 2D (j, i) broadcast
     sx = grid.spacing[0]
 
     hu = np.full(grid.shape, -1000.0, np.float32)
-    plane = (slice(None),)
 
     # CT table: curved carbon shell over a foam core, just below the back.
     y_back = body.yc + body.b
@@ -247,8 +256,8 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     shell = (Y >= curve) & (Y < curve + 2.0) & (np.abs(X) < 230)
     core = (Y >= curve + 2.0) & (Y < curve + 22.0) & (np.abs(X) < 225)
     base = (Y >= curve + 22.0) & (Y < curve + 25.0) & (np.abs(X) < 230)
-    hu[plane + (core,)] = -880.0
-    hu[plane + (shell | base,)] = rng.uniform(150.0, 400.0)
+    hu[:, core] = -880.0
+    hu[:, shell | base] = rng.uniform(150.0, 400.0)
 
     # Body: flattened at the back where it lies on the table; subcutaneous fat over muscle.
     yy = (Y - body.yc) / body.b
@@ -266,12 +275,16 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     ca, cb = inner_a - body.wall, inner_b - body.wall
     cav_yc = body.yc + 0.5 * body.wall
     r_cav2 = _ellipse2(X, Y, 0.0, cav_yc, ca, cb)
-    spine_notch = _ellipse2(X, Y, 0.0, body.ys + 8.0, body.rv + 22.0, body.rv + 26.0) < 1.0
-    cavity2 = (r_cav2 < 1.0) & ~spine_notch
+    # Vertebra and paraspinal muscles: a wedge that widens toward the back.
+    spine_notch = (_ellipse2(X, Y, 0.0, body.ys, body.rv + 4.0, body.rv + 4.0) < 1.0) | (
+        (Y > body.ys + 0.3 * body.rv) & (np.abs(X) < body.rv + 16.0))
+    # The upper thorax is narrower: the cavity shrinks above the hila.
+    narrow = rng.uniform(0.12, 0.25) * np.clip((z - body.z_hilum) / (body.z_apex + 20.0 - body.z_hilum), 0, 1) ** 1.5
+    cav_scale = (1.0 - narrow).astype(np.float32)
+    cavity = (r_cav2[None] < (cav_scale**2)[:, None, None]) & ~spine_notch[None]
     # Inside: soft tissue (neck above the lungs, liver/spleen below them), fat in the mediastinum.
     organ = np.where(X < 0, rng.uniform(50.0, 62.0), rng.uniform(32.0, 45.0)).astype(np.float32)
-    organ = np.broadcast_to(organ, (nj, ni))
-    hu[plane + (cavity2,)] = organ[cavity2]
+    np.copyto(hu, organ[None], where=cavity)
 
     # Lungs: one ellipse per side, tapering to the apex, cut by the cavity, mediastinum and diaphragm.
     theta_noise = rng.normal(0, 1, size=(2, 4))
@@ -293,11 +306,11 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
         dome = dome_l + (rng.uniform(8.0, 22.0) if sign < 0 else 0.0)
         zd = body.z_base + dome * (1.0 - np.clip(r2, 0, 1.4) / 1.4) - 15.0 * np.clip((Y - cy) / by, 0, 1)
         z_dia[half] = zd[half]
-    apex_len = rng.uniform(45.0, 75.0)
-    s2 = np.clip((body.z_apex - z) / apex_len, 0.0, 1.0).astype(np.float32)  # squared scale
+    apex_len = rng.uniform(65.0, 95.0)
+    s2 = (np.clip((body.z_apex - z) / apex_len, 0.0, 1.0) ** 1.5).astype(np.float32)  # a narrow, domed apex
     lung = r_lung2[None] < s2[:, None, None]
     lung &= z[:, None, None] > z_dia[None]
-    lung &= cavity2[None]
+    lung &= cavity
     # Mediastinum: central band, narrower behind (azygo-oesophageal recess).
     t_med = np.clip((body.z_apex - 20.0 - z) / 60.0, 0.0, 1.0)
     med_half = (body.med_half * (0.8 + 0.2 * t_med)).astype(np.float32)
@@ -306,7 +319,7 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     lung &= ~band
 
     # Mediastinal fat in the band (inside the cavity, above the diaphragm).
-    med = band & cavity2[None] & (z[:, None, None] > z_dia[None] + 5.0)
+    med = band & cavity & (z[:, None, None] > z_dia[None] + 5.0)
     np.copyto(hu, np.float32(rng.uniform(-100.0, -70.0)), where=med)
 
     # Heart in pericardial fat, left of midline, resting on the diaphragm.
@@ -320,7 +333,7 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
         v = -(xx - hc[0]) * math.sin(rot) + (yy3 - hc[1]) * math.cos(rot)
         e = (u / hax[0]) ** 2 + (v / hax[1]) ** 2 + ((zz - hc[2]) / hax[2]) ** 2
         fat_e = (u / (hax[0] + 6)) ** 2 + (v / (hax[1] + 6)) ** 2 + ((zz - hc[2]) / (hax[2] + 6)) ** 2
-        inside_cav = cavity2[sl[1:]][None]
+        inside_cav = cavity[sl]
         h = hu[sl]
         h[(fat_e < 1) & inside_cav] = rng.uniform(-100.0, -70.0)
         h[(e < 1) & inside_cav] = rng.uniform(35.0, 50.0)
@@ -367,29 +380,25 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     carina = np.array([body.med_x, body.ys - body.rv - 22.0, body.z_hilum + rng.uniform(15.0, 25.0)])
     r_tr = rng.uniform(7.0, 10.0)
     airways = [_Tube(carina, carina + [0.0, -6.0, float(z[-1]) - carina[2] + 20.0], r_tr, r_tr)]
-    vessels: list[_Tube] = []
-    hila = []
+    vessel_roots = []
     for sign in (-1.0, 1.0):
         hilum = np.array([body.med_x + sign * (med_half.max() + rng.uniform(2.0, 8.0)), cav_yc + rng.uniform(-5.0, 10.0),
                           body.z_hilum])
-        hila.append(hilum)
         r_mb = r_tr * (0.8 if sign < 0 else 0.7)
         airways.append(_Tube(carina, hilum, r_mb, r_mb * 0.9))
-        down = _unit(np.array([sign * 0.6, 0.1, -0.8]))
-        up = _unit(np.array([sign * 0.5, 0.1, 0.85]))
-        for d, r in ((down, r_mb * 0.75), (up, r_mb * 0.6)):
-            airways += _grow_tree(rng, grid, lung, hilum, d, r, min_radius=2.0, max_tubes=40, length=(4.0, 7.0))
-        # Pulmonary arteries (from the hilum) and veins (toward the left atrium, lower and in front).
-        roots = [
-            (hilum + [0, -4.0, 6.0], up, rng.uniform(5.0, 7.0)),
-            (hilum + [0, 4.0, -4.0], down, rng.uniform(6.0, 8.0)),
-            (hilum + [sign * 5.0, -15.0, -25.0], _unit(np.array([sign, -0.3, -0.4])), rng.uniform(5.0, 7.0)),
-            (hilum + [sign * 5.0, -12.0, -5.0], _unit(np.array([sign, -0.4, 0.5])), rng.uniform(4.5, 6.0)),
-            (hilum + [sign * 3.0, 10.0, -15.0], _unit(np.array([sign * 0.5, 0.8, -0.4])), rng.uniform(4.0, 5.5)),
-        ]
-        r_min = max(0.35, 0.45 * min(grid.spacing[:2]))
-        for p, d, r in roots:
-            vessels += _grow_tree(rng, grid, lung, p, d, r, min_radius=r_min, max_tubes=450, length=(5.0, 9.0))
+        down = _units(np.array([sign * 0.6, 0.1, -0.8]))
+        up = _units(np.array([sign * 0.5, 0.1, 0.85]))
+        airways += _grow_trees(rng, grid, lung, [(hilum, down, r_mb * 0.75), (hilum, up, r_mb * 0.6)],
+                               min_radius=2.0, max_tubes=60, length=(4.0, 7.0))
+        # Pulmonary arteries and veins: trunks leave the hilum toward random points spread
+        # through the lung (veins lower and in front, draining to the left atrium).
+        n_roots = int(rng.integers(14, 20))
+        targets = _lung_points(rng, grid, lung, n_roots, x_sign=sign)
+        starts = hilum + rng.uniform([-4.0, -18.0, -45.0], [4.0, 12.0, 20.0], (len(targets), 3))
+        for p0, tgt in zip(starts, targets):
+            vessel_roots.append((p0, _units(tgt - p0), rng.uniform(3.5, 7.5)))
+    r_min = max(0.6, 0.5 * min(grid.spacing[:2]))  # thinner ones vanish in partial volume
+    vessels = _grow_trees(rng, grid, lung, vessel_roots, min_radius=r_min, max_tubes=8000, length=(5.0, 9.0))
 
     vessel_hu = rng.uniform(30.0, 50.0)
     edge = 0.8 * min(grid.spacing[:2]) + 0.3
@@ -404,13 +413,13 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
         if cov is not None:
             lung[cov[0]] &= ~(cov[1] > 0.5)
 
-    _draw_spine_and_ribs(rng, grid, hu, body, ca, cb, cav_yc, r_cav2)
+    _draw_spine_and_ribs(rng, grid, hu, body, cb, cav_yc, r_cav2, cav_scale)
     return _Anatomy(hu=hu, lung=lung, vessels=vessels)
 
 
 def _add_lung_texture(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray) -> None:
     """Low-contrast patchy texture: two smooth 2D fields mixed along z (cheap, varies per slice)."""
-    nk, nj, ni = grid.shape
+    nj, ni = grid.shape[1:]
     step = 4
     small = (nj // step + 1, ni // step + 1)
     sig = 4.0 / (step * grid.spacing[0])
@@ -426,48 +435,80 @@ def _add_lung_texture(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray) -> Non
     np.add(hu, tex, out=hu, where=lung)
 
 
-def _grow_tree(rng, grid: _Grid, lung: np.ndarray, root: np.ndarray, direction: np.ndarray, radius: float, *,
-               min_radius: float, max_tubes: int, length: tuple[float, float]) -> list[_Tube]:
-    """A branching tapered tree from the hilum outwards (breadth first, so the cap prunes the finest twigs).
+def _lung_points(rng, grid: _Grid, lung: np.ndarray, n: int, *, x_sign: float) -> np.ndarray:
+    """Up to n random points inside the lung on one side (x_sign -1 right, +1 left)."""
+    x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
+    lo = np.array([0.0 if x_sign > 0 else x[0], y[0], z[0]])
+    hi = np.array([x[-1] if x_sign > 0 else 0.0, y[-1], z[-1]])
+    pts = rng.uniform(lo, hi, (40 * n, 3))
+    return pts[grid.inside(lung, pts)][:n]
 
-    Pieces may cross the mediastinum until the tree has entered the lung; after that a branch whose
-    next piece would leave the lung tries a few other courses and then ends.
+
+def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray, float]], *,
+                min_radius: float, max_tubes: int, length: tuple[float, float]) -> list[_Tube]:
+    """Branching tapered trees from the hilum outwards, grown a generation at a time for all roots.
+
+    Pieces may cross the mediastinum until a branch has entered the lung; after that a branch whose
+    next piece would leave the lung tries a few other courses and then ends. When the cap is near,
+    a random part of the youngest generation is kept, so the cap prunes the finest twigs.
     """
-    root = np.asarray(root, float)
+    origin = np.array([r[0] for r in roots], float)
+    p = origin.copy()
+    d = _units(np.array([r[1] for r in roots], float))
+    r = np.array([r[2] for r in roots], float)
+    home = origin.copy()
     tubes: list[_Tube] = []
-    queue = deque([(root, _unit(np.asarray(direction, float)), float(radius))])
-    while queue and len(tubes) < max_tubes:
-        p, d, r = queue.popleft()
-        seg_len = min(r * rng.uniform(*length) + 2.0, 40.0)
-        r_end = r * rng.uniform(0.85, 0.95)
-        entered = bool(grid.inside(lung, p))
-        for _ in range(4):
-            d1 = _unit(d + 0.25 * _perpendicular(d, rng))
-            d2 = _unit(d1 + 0.25 * _perpendicular(d1, rng))
-            q1 = p + d1 * seg_len / 2
-            q2 = q1 + d2 * seg_len / 2
-            if not entered or grid.inside(lung, np.stack([q1, q2])).all():
+    while len(p) and len(tubes) < max_tubes:
+        room = (max_tubes - len(tubes)) // 2
+        if len(p) > room:
+            keep = rng.choice(len(p), room, replace=False)
+            p, d, r, home = p[keep], d[keep], r[keep], home[keep]
+        n = len(p)
+        seg = np.minimum(r * rng.uniform(*length, n) + 4.0, 40.0)[:, None]
+        r_end = r * rng.uniform(0.9, 0.97, n)
+        entered = grid.inside(lung, p)
+        q1 = np.empty_like(p)
+        q2 = np.empty_like(p)
+        d2 = np.empty_like(p)
+        done = np.zeros(n, bool)
+        for _ in range(2):
+            todo = ~done
+            a = _units(d[todo] + 0.25 * _perpendiculars(d[todo], rng))
+            b = _units(a + 0.25 * _perpendiculars(a, rng))
+            m1 = p[todo] + a * seg[todo] / 2
+            m2 = m1 + b * seg[todo] / 2
+            ahead = m2 + b * 3.0  # stop short of the pleura rather than run along it
+            ok = ~entered[todo] | (grid.inside(lung, m1) & grid.inside(lung, m2) & grid.inside(lung, ahead))
+            idx = np.nonzero(todo)[0]
+            q1[idx[ok]], q2[idx[ok]], d2[idx[ok]] = m1[ok], m2[ok], b[ok]
+            done[idx[ok]] = True
+            bad = idx[~ok]
+            d[bad] = _units(d[bad] + 0.8 * _perpendiculars(d[bad], rng))
+            if done.all():
                 break
-            d = _unit(d + 0.8 * _perpendicular(d, rng))
-        else:
-            continue
         r_mid = (r + r_end) / 2
-        tubes += [_Tube(p, q1, r, r_mid), _Tube(q1, q2, r_mid, r_end)]
+        for a, b, c, r0, r1, r2 in zip(p[done].tolist(), q1[done].tolist(), q2[done].tolist(), r[done].tolist(),
+                                       r_mid[done].tolist(), r_end[done].tolist()):
+            tubes += [_Tube(tuple(a), tuple(b), r0, r1), _Tube(tuple(b), tuple(c), r1, r2)]
         # Asymmetric bifurcation: the larger child keeps the course, the smaller one swings out;
-        # both drift away from the hilum so the tree fills the lung.
-        outward = _unit(q2 - root)
-        big, small = r_end * rng.uniform(0.78, 0.9), r_end * rng.uniform(0.55, 0.78)
-        u = _perpendicular(d2, rng)
-        for rr, ang, sgn in ((big, rng.uniform(0.15, 0.45), 1.0), (small, rng.uniform(0.5, 1.0), -1.0)):
-            if rr >= min_radius:
-                nd = _unit(math.cos(ang) * d2 + sgn * math.sin(ang) * u + 0.3 * outward)
-                queue.append((q2, nd, rr))
+        # both drift away from their hilum so the trees fill the lung.
+        p, d, r_end, home = q2[done], d2[done], r_end[done], home[done]
+        n = len(p)
+        outward = _units(p - home)
+        u = _perpendiculars(d, rng)
+        kids_p, kids_d, kids_r, kids_h = [], [], [], []
+        for ratio, angle, sign in (((0.8, 0.93), (0.15, 0.45), 1.0), ((0.65, 0.88), (0.5, 1.0), -1.0)):
+            rr = r_end * rng.uniform(*ratio, n)
+            ang = rng.uniform(*angle, n)[:, None]
+            nd = _units(np.cos(ang) * d + sign * np.sin(ang) * u + 0.3 * outward)
+            live = rr >= min_radius
+            kids_p.append(p[live]), kids_d.append(nd[live]), kids_r.append(rr[live]), kids_h.append(home[live])
+        p, d, r, home = (np.concatenate(k) for k in (kids_p, kids_d, kids_r, kids_h))
     return tubes
 
 
-def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, ca, cb, cav_yc, r_cav2) -> None:
+def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, cb, cav_yc, r_cav2, cav_scale) -> None:
     """Vertebra (cortex, cancellous bone, discs, canal, posterior arch) and a ring of ribs."""
-    nk, nj, ni = grid.shape
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
     X, Y = x[None, :], y[:, None]
     cortex_hu = rng.uniform(700.0, 1100.0)
@@ -480,13 +521,12 @@ def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, ca, cb, cav_yc, r_ca
     r_canal = np.sqrt(X**2 + (Y - canal_c) ** 2)
     canal = r_canal < 8.0
     arch = (r_canal >= 8.0) & (r_canal < 13.0) & (Y > canal_c - 6.0)
-    spinous = (np.abs(X) < 4.0) & (Y > canal_c + 10.0) & (Y < canal_c + 38.0)
-    transverse = (np.abs(Y - canal_c + 2.0) < 5.0) & (np.abs(X) < 32.0) & (np.abs(X) > 8.0)
+    spinous = (np.abs(X) < 3.5) & (Y > canal_c + 10.0) & (Y < canal_c + 32.0)
+    transverse = (np.abs(Y - canal_c - 0.3 * np.abs(X)) < 4.0) & (np.abs(X) < 30.0) & (np.abs(X) > 8.0)
     post = (arch | spinous | transverse) & ~canal
-    plane = (slice(None),)
-    hu[plane + (vb,)] = cancellous_hu
-    hu[plane + (shell | post,)] = cortex_hu
-    hu[plane + (canal,)] = 15.0
+    hu[:, vb] = cancellous_hu
+    hu[:, shell | post] = cortex_hu
+    hu[:, canal] = 15.0
     # Intervertebral discs every ~27 mm.
     pitch = rng.uniform(24.0, 30.0)
     disc_k = np.nonzero(((z - rng.uniform(0, pitch)) % pitch) < 5.0)[0]
@@ -497,21 +537,21 @@ def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, ca, cb, cav_yc, r_ca
     # Ribs: a helical band just outside the cavity wall, sloping down toward the front.
     rib_t = rng.uniform(7.0, 10.0)
     r_cav = np.sqrt(r_cav2)
-    ring = (r_cav >= 1.0) & (r_cav < 1.0 + rib_t / cb) & ~(_ellipse2(X, Y, 0, body.ys, 30.0, 40.0) < 1.0)
+    ring = (r_cav >= cav_scale.min()) & (r_cav < 1.0 + rib_t / cb) & ~(_ellipse2(X, Y, 0, body.ys, 30.0, 40.0) < 1.0)
     jj, ii = np.nonzero(ring)
     if jj.size == 0:
         return
     xr, yr = x[ii], y[jj]
     phi = np.arctan2(np.abs(xr), yr - cav_yc)  # 0 at the back, pi at the front
-    radial = (r_cav[jj, ii] - 1.0) * cb / rib_t  # 0..1 across the rib
+    radial = (r_cav[jj, ii][None] / cav_scale[:, None] - 1.0) * cb / rib_t  # 0..1 across the rib
     pitch = rng.uniform(24.0, 30.0)
     height = rng.uniform(9.0, 12.0)
     drop = pitch * rng.uniform(2.5, 3.5) * (1.0 - np.cos(phi)) / 2  # steepest at the side
     zz = z[:, None]
     u = (zz + drop[None] + rng.uniform(0, pitch)) % pitch  # mm from the rib's lower edge
-    rib = (u < height) & (zz < body.z_apex + 10.0) & (zz > body.z_base - 35.0)
+    rib = (u < height) & (radial >= 0) & (radial < 1) & (zz < body.z_apex + 10.0) & (zz > body.z_base - 35.0)
     cart = phi[None] > np.pi * 0.78  # costal cartilage at the front
-    edge = (u < 1.6) | (u > height - 1.6) | (radial[None] < 0.22) | (radial[None] > 0.78)
+    edge = (u < 1.6) | (u > height - 1.6) | (radial < 0.22) | (radial > 0.78)
     vals = np.where(cart, 130.0, np.where(edge, cortex_hu, cancellous_hu + 60.0)).astype(np.float32)
     cur = hu[:, jj, ii]
     hu[:, jj, ii] = np.where(rib & (np.abs(xr) > 10.0)[None], vals, cur)
@@ -547,8 +587,9 @@ def _place_nodule(rng, grid: _Grid, anat: _Anatomy, body: _Body, r: float, attac
     for _ in range(80):
         if attachment == "vascular" and vessels:
             t = vessels[rng.integers(len(vessels))]
-            p = t.p0 + rng.uniform(0.2, 0.8) * (t.p1 - t.p0)
-            w = _perpendicular(_unit(t.p1 - t.p0), rng)
+            a, b = np.asarray(t.p0), np.asarray(t.p1)
+            p = a + rng.uniform(0.2, 0.8) * (b - a)
+            w = _perpendiculars(_units(b - a), rng)
             c = p + w * ((t.r0 + t.r1) / 2 + r * rng.uniform(0.6, 0.9))
             if not grid.inside(anat.lung, c + reach * _SPHERE).all():
                 continue
@@ -558,7 +599,7 @@ def _place_nodule(rng, grid: _Grid, anat: _Anatomy, body: _Body, r: float, attac
                 continue
             if attachment == "pleural":
                 a = rng.uniform(0, 2 * np.pi)
-                d = _unit(np.array([math.cos(a), math.sin(a), rng.uniform(-0.3, 0.3)]))
+                d = _units(np.array([math.cos(a), math.sin(a), rng.uniform(-0.3, 0.3)]))
                 steps = p + d * np.arange(1.0, 200.0, 1.0)[:, None]
                 out = ~grid.inside(anat.lung, steps)
                 if not out.any():
@@ -590,14 +631,12 @@ def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarr
     axes *= r / np.prod(axes) ** (1 / 3)
     rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     n_lobes = int(rng.integers(3, 8))
-    lobe_dir = _unit(rng.normal(size=(n_lobes, 3)).T).T
-    lobe_dir /= np.linalg.norm(lobe_dir, axis=1, keepdims=True)
+    lobe_dir = _units(rng.normal(size=(n_lobes, 3)))
     lobe_amp = rng.uniform(-0.08, 0.15, n_lobes)
     lobe_w = rng.uniform(0.15, 0.4, n_lobes)
     if kind == "solid" and r > 4.0 and rng.random() < 0.3:  # spicules
         n_sp = int(rng.integers(4, 10))
-        sp_dir = rng.normal(size=(n_sp, 3))
-        lobe_dir = np.vstack([lobe_dir, sp_dir / np.linalg.norm(sp_dir, axis=1, keepdims=True)])
+        lobe_dir = np.vstack([lobe_dir, _units(rng.normal(size=(n_sp, 3)))])
         lobe_amp = np.concatenate([lobe_amp, rng.uniform(0.3, 0.7, n_sp)])
         lobe_w = np.concatenate([lobe_w, rng.uniform(0.004, 0.012, n_sp)])
     reach = axes.max() * (1.0 + max(lobe_amp.max(), 0.0)) + 2 * edge
