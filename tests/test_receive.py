@@ -35,9 +35,9 @@ def scp(tmp_path):
     db.close()
 
 
-def storescu(scp: StorageSCP, files: list[Path], aet: str = "STORESCU") -> subprocess.CompletedProcess:
+def storescu(scp: StorageSCP, files: list[Path], aet: str = "STORESCU", *options: str) -> subprocess.CompletedProcess:
     """Send with DCMTK, then wait until the node has filed what it acknowledged."""
-    done = subprocess.run([need_tool("storescu"), "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
+    done = subprocess.run([need_tool("storescu"), *options, "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
                            str(scp.settings.dicom_port), *map(str, files)], capture_output=True, text=True,
                           env=PEER_ENV, timeout=120)
     scp.journal.flush()
@@ -133,6 +133,32 @@ def test_compressed_transfer_syntaxes_are_received_and_decoded(scp, small_ct_ser
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     for f in stored_files(scp):
+        ds = pydicom.dcmread(f)
+        assert ds.file_meta.TransferSyntaxUID == syntax
+        assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID])
+
+
+@pytest.mark.parametrize("tool,args,propose,syntax", [
+    ("dcmcjpeg", ["+e1"], "-xs", "1.2.840.10008.1.2.4.70"),  # JPEG lossless SV1
+    ("dcmcjpls", ["+el"], "-xt", "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
+    ("dcmcrle", [], "-xr", "1.2.840.10008.1.2.5"),  # RLE lossless
+])
+def test_dcmtk_compressed_series_is_received_and_decodes_losslessly(scp, small_ct_series, tmp_path, tool, args,
+                                                                      propose, syntax):
+    """The PACS sends images as it stores them: compressed by DCMTK, decoded here with pylibjpeg."""
+    exe = need_tool(tool)
+    originals, compressed = {}, []
+    for p in sorted(small_ct_series)[:3]:
+        ds = pydicom.dcmread(p)
+        originals[ds.SOPInstanceUID] = ds.pixel_array.copy()
+        out = tmp_path / p.name
+        subprocess.run([exe, *args, str(p), str(out)], check=True, capture_output=True)
+        compressed.append(out)
+    # Propose the files' own compressed transfer syntax, as a PACS storing them so would.
+    assert storescu(scp, compressed, "STORESCU", "-R", propose).returncode == 0
+    files = stored_files(scp)
+    assert len(files) == 3
+    for f in files:
         ds = pydicom.dcmread(f)
         assert ds.file_meta.TransferSyntaxUID == syntax
         assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID])
