@@ -28,7 +28,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
 
 from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
@@ -42,7 +47,7 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, RLELossless,
 ]
-STORAGE_CLASSES = [CTImageStorage, EnhancedCTImageStorage]
+STORAGE_CLASSES = [CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage]
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -15,7 +15,7 @@ from pydicom.errors import InvalidDicomError
 from lungnode.inference.types import SeriesCandidate, SeriesSelection
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+MULTIFRAME_CT = {"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}  # Enhanced, Legacy Converted
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _judge(uid: str, items: list[tuple[Path, pydicom.Dataset]], rules: Selection
     if first.get("Modality") != "CT":
         reasons.append(f"modality is {first.get('Modality', 'missing')}, not CT")
     sop_class = str(first.get("SOPClassUID", ""))
-    if sop_class == ENHANCED_CT_IMAGE:
+    if sop_class in MULTIFRAME_CT:
         n_slices = max(int(ds.get("NumberOfFrames", 1)) for _, ds in items)
     elif sop_class == CT_IMAGE:
         n_slices = len(items)
@@ -57,7 +57,7 @@ def _judge(uid: str, items: list[tuple[Path, pydicom.Dataset]], rules: Selection
         reasons.append("a localizer (scout)")
     if n_slices < rules.min_slices:
         reasons.append(f"{n_slices} slices, fewer than {rules.min_slices}")
-    if reasons or sop_class == ENHANCED_CT_IMAGE:
+    if reasons or sop_class in MULTIFRAME_CT:
         # Multi-frame geometry is checked when the volume is built.
         cand.eligible = not reasons
         cand.score = float(n_slices)

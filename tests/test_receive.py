@@ -197,3 +197,27 @@ def test_real_lidc_series_is_received_and_builds_its_volume(scp):
     assert (i, j) == (316, 367)
     assert volume.slices[k].path.name == f"{volume.slices[k].sop_instance_uid}.dcm"
     assert volume.hu[k, j, i] > -300
+
+
+def test_multiframe_enhanced_ct_is_received_selected_and_loaded(scp, small_ct_series):
+    """A PACS that stores multi-frame CT sends one instance per series; the volume is the same."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import LegacyConvertedEnhancedCTImageStorage
+
+    slices = [pydicom.dcmread(p) for p in small_ct_series]
+    multi = hd.legacy.LegacyConvertedEnhancedCTImage(slices, generate_uid(), 2, generate_uid(), 1)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(LegacyConvertedEnhancedCTImageStorage, multi.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    assert assoc.send_c_store(multi).Status == 0x0000
+    assoc.release()
+    (stored,) = stored_files(scp)
+    selection = select_series([stored])
+    assert selection.chosen is not None, selection.why_not
+    volume = load_volume(selection.chosen.paths)
+    reference = load_volume(small_ct_series)
+    assert volume.hu.shape == reference.hu.shape
+    assert np.allclose(volume.index_to_world([3, 5, 7]), reference.index_to_world([3, 5, 7]), atol=1e-3)
+    assert np.array_equal(volume.hu, reference.hu)
+    assert volume.slices[7].frame_number is not None
