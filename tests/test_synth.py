@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from scipy import ndimage
 
 from lungnode.training.synth import (
@@ -113,7 +113,7 @@ def _read_series(folder: Path):
     return files, order, dss, vol
 
 
-@pytest.mark.parametrize("syntax", [None, RLELossless])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
 def test_dicom_round_trip_keeps_hu_and_geometry(phantom, tmp_path, syntax):
     paths = write_dicom_series(phantom, tmp_path, patient_id="SYN1", accession_number="A1",
                                transfer_syntax_uid=syntax)
@@ -122,8 +122,7 @@ def test_dicom_round_trip_keeps_hu_and_geometry(phantom, tmp_path, syntax):
     assert order != sorted(order), "file names must not be in slice order"
     assert np.array_equal(vol, phantom.hu)
     first = dss[0]
-    if syntax:
-        assert first.file_meta.TransferSyntaxUID == syntax
+    assert first.file_meta.TransferSyntaxUID == syntax
     assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({d.SOPInstanceUID for d in dss}) == len(dss)
     assert first.Modality == "CT" and first.PatientID == "SYN1" and first.AccessionNumber == "A1"
     assert list(first.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -145,7 +144,7 @@ def test_dciodvfy_finds_no_errors(phantom, tmp_path):
     exe = shutil.which("dciodvfy")
     if exe is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed")
-    for syntax in (None, RLELossless):
+    for syntax in (ExplicitVRLittleEndian, RLELossless):
         paths = write_dicom_series(phantom, tmp_path / str(syntax), patient_id="SYN1", transfer_syntax_uid=syntax)
         res = subprocess.run([exe, str(paths[len(paths) // 2])], capture_output=True, text=True, timeout=60)
         errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]

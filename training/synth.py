@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 KINDS = ("solid", "part-solid", "ground-glass")
@@ -390,8 +391,8 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
         up = _units(np.array([sign * 0.5, 0.1, 0.85]))
         airways += _grow_trees(rng, grid, lung, [(hilum, down, r_mb * 0.75), (hilum, up, r_mb * 0.6)],
                                min_radius=2.0, max_tubes=60, length=(4.0, 7.0))
-        # Pulmonary arteries and veins: trunks leave the hilum toward random points spread
-        # through the lung (veins lower and in front, draining to the left atrium).
+        # Pulmonary arteries and veins: trunks leave points spread up and down the hilum toward
+        # random points in the lung, so the trees reach every lobe.
         n_roots = int(rng.integers(14, 20))
         targets = _lung_points(rng, grid, lung, n_roots, x_sign=sign)
         starts = hilum + rng.uniform([-4.0, -18.0, -45.0], [4.0, 12.0, 20.0], (len(targets), 3))
@@ -749,7 +750,7 @@ def make_phantom(
     rng = np.random.default_rng(seed)
     ni, nj = math.ceil(fov[0] / sx - 1e-6), math.ceil(fov[1] / sy - 1e-6)
     nk = max(16, int(round(fov[2] * rng.uniform(*z_fov_fraction) / sz)))
-    origin = (-(ni - 1) * sx / 2, -(nj - 1) * sy / 2, rng.uniform(-420.0, -150.0))
+    origin = (-(ni - 1) * sx / 2, -(nj - 1) * sy / 2, round(rng.uniform(-420.0, -150.0), 2))  # exact in DICOM text
     grid = _Grid((nk, nj, ni), (sx, sy, sz), origin)
     body = _sample_body(rng, grid, fov[0])
     anat = _build_anatomy(rng, grid, body)
@@ -773,7 +774,7 @@ def write_dicom_series(
     study_instance_uid: str | None = None,
     accession_number: str = "",
     series_description: str = "Synthetic chest CT",
-    transfer_syntax_uid: str | None = None,
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
     series_number: int = 1,
 ) -> list[Path]:
     """Write the phantom as a CT Image Storage series, one file per slice (file names shuffled).
@@ -782,15 +783,9 @@ def write_dicom_series(
     syntax (e.g. RLE Lossless, JPEG 2000 Lossless) is encoded with pydicom's ``Dataset.compress``.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (
-        PYDICOM_IMPLEMENTATION_UID,
-        CTImageStorage,
-        ExplicitVRLittleEndian,
-        UID,
-        generate_uid,
-    )
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, generate_uid
 
-    ts = UID(transfer_syntax_uid or ExplicitVRLittleEndian)
+    ts = UID(transfer_syntax_uid)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_instance_uid or generate_uid()
