@@ -180,3 +180,22 @@ def test_node_killed_after_receiving_delivers_after_restart_once_pacs_is_up(tmp_
         assert len(srs) == 1
         assert_finds(phantom, srs[0])
     node.stop()
+
+
+def test_study_without_a_readable_series_gets_a_not_processed_sr(pacs_and_node, tmp_path):
+    orthanc, node = pacs_and_node
+    from lungnode.training.synth import make_phantom, write_dicom_series
+
+    scout = make_phantom(90004, spacing=(1.4, 1.4, 5.0), field_of_view_mm=(360.0, 360.0, 60.0), n_nodules=(1, 1))
+    files = write_dicom_series(scout, tmp_path / "thin", patient_id="E2E-TOOFEW", accession_number="ACC-FEW")
+    (study_id,) = orthanc.upload(files)
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    orthanc.send_to_modality("lungnode", study_id)
+    state = wait_done(node, study_uid)
+    assert state["state"] == "not_processed"
+    assert "slices" in state["reason"]
+    srs, scs = result_objects(orthanc, study_uid)
+    assert len(srs) == 1 and scs == []
+    texts = [t.TextValue for t in content_items(srs[0], "TEXT")]
+    assert any("not processed" in t.lower() and "slices" in t for t in texts), texts
+    assert dciodvfy_errors(srs[0]) == []
