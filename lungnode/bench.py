@@ -3,11 +3,17 @@
 Receive: DCMTK `storescu` sends the 261-slice LIDC-IDRI-0002 series (real CT, 132 MiB) over loopback
 to lungnode (every instance fsynced and indexed before Success), to Orthanc (Debian package, SQLite
 index) and to DCMTK `storescp` (writes files, no fsync). Peers get TCP_NODELAY=1, their best setting.
+
+Detect: the default model on the same series, whole pipeline from DICOM files to detections (volume,
+preprocessing, sliding window, boxes), with ONNX Runtime and with PyTorch eager, each in its own
+process so its peak memory is its own.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -68,29 +74,82 @@ def bench_receive(files: list[Path], runs: int, work: Path) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def detect_once(backend: str, files: list[Path], threads: int) -> dict:
+    """One study, timed from DICOM files to detections (run in a fresh process)."""
+    from lungnode.inference.detector import Detector
+    from lungnode.inference.volume import load_volume
+    from lungnode.models.registry import load_model
+
+    detector = Detector(load_model("default"), backend=backend, threads=threads)
+    started = time.perf_counter()
+    volume = load_volume(files)
+    loaded = time.perf_counter()
+    detections = detector.detect(volume)
+    done = time.perf_counter()
+    return {"backend": backend, "load_s": loaded - started, "detect_s": done - loaded, "total_s": done - started,
+            "detections": len(detections), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench_detect(files: list[Path], threads: int) -> list[dict]:
+    results = []
+    for backend in ("onnxruntime", "torch"):
+        out = subprocess.run([sys.executable, "-m", "lungnode.bench", "--detect-once", backend,
+                              "--threads", str(threads)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{backend} detection failed:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def print_detect(results: list[dict], n_slices: int, threads: int) -> None:
+    print(f"\nDetect on LIDC-IDRI-0002 ({n_slices} slices), default model, {threads} CPU threads, "
+          "whole pipeline from DICOM files")
+    print(f"{'backend':<14}{'load s':>8}{'detect s':>10}{'total s':>9}{'peak GiB':>10}{'findings':>10}")
+    for r in results:
+        print(f"{r['backend']:<14}{r['load_s']:>8.1f}{r['detect_s']:>10.1f}{r['total_s']:>9.1f}"
+              f"{r['peak_rss_gib']:>10.2f}{r['detections']:>10}")
+    ort, pt = results
+    print(f"ONNX Runtime is {pt['detect_s'] / ort['detect_s']:.2f}x faster than PyTorch eager on the network + "
+          f"box stage (targets: <= 60 s per study, >= 2x, <= 4 GiB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lungnode bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--skip-receive", action="store_true")
+    parser.add_argument("--skip-detect", action="store_true")
+    parser.add_argument("--detect-once", choices=["onnxruntime", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     series = sorted((data_root() / "LIDC-IDRI-0002").glob("*/*.dcm"))
     if not series:
         print(f"LIDC-IDRI-0002 not found under {data_root()}: set LUNGNODE_TEST_DATA", file=sys.stderr)
         return 2
+    if args.detect_once:
+        print(json.dumps(detect_once(args.detect_once, series, args.threads)))
+        return 0
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             print(f"{tool} missing: apt-get install dcmtk orthanc", file=sys.stderr)
             return 2
+    if not args.skip_receive:
+        print_receive(series, args.runs)
+    if not args.skip_detect:
+        print_detect(bench_detect(series, args.threads), len(series), args.threads)
+    return 0
+
+
+def print_receive(series: list[Path], runs: int) -> None:
     size = sum(p.stat().st_size for p in series) / 2**20
     with tempfile.TemporaryDirectory(prefix="lungnode-bench-") as tmp:
-        rx = bench_receive(series, args.runs, Path(tmp))
+        rx = bench_receive(series, runs, Path(tmp))
     print(f"\nReceive and persist LIDC-IDRI-0002: {len(series)} instances, {size:.0f} MiB, storescu over "
-          f"loopback, median of {args.runs} runs")
+          f"loopback, median of {runs} runs")
     print(f"{'receiver':<44}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
-    notes = {"lungnode": "lungnode (fsync + SQLite index per instance)",
+    notes = {"lungnode": "lungnode (fsynced journal before each Success)",
              "Orthanc": "Orthanc 1.10 (Debian, TCP_NODELAY=1)", "storescp": "DCMTK storescp (TCP_NODELAY=1, no fsync)"}
     for name, secs in rx.items():
         print(f"{notes[name]:<44}{secs:>9.2f}{len(series) / secs:>10.0f}{secs / rx['lungnode']:>18.2f}x")
-    return 0
 
 
 if __name__ == "__main__":
