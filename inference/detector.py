@@ -1,0 +1,169 @@
+"""Find nodules in a CT Volume with the shipped RetinaNet, via ONNX Runtime (default) or PyTorch.
+
+Both backends sit inside MONAI's RetinaNetDetector, so sliding windows, anchors, box decoding and
+NMS are the same code for both; only the network call differs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from lungnode.inference.types import Detection, Volume
+from lungnode.models.registry import InferenceSettings, ModelSpec
+from lungnode.models.retinanet import NetConfig, build_detector, build_network
+
+log = logging.getLogger(__name__)
+
+BOX_KEY, LABEL_KEY = "box", "label"
+SCORE_KEY = LABEL_KEY + "_scores"
+
+
+@dataclass
+class PreparedImage:
+    """The network's view of a Volume: body crop, resampled to model spacing, windowed to 0..1.
+
+    ``image`` is (I, J, K); a model voxel coordinate ``m`` maps to source index
+    ``(m + 0.5) * scale - 0.5 + crop_start`` (the half-voxel terms are those of
+    ``F.interpolate(align_corners=False)``).
+    """
+
+    image: torch.Tensor
+    crop_start: np.ndarray  # (i, j, k) source index of the crop's first voxel
+    scale: np.ndarray  # source voxels per model voxel along (i, j, k)
+
+    def to_source_index(self, ijk: np.ndarray) -> np.ndarray:
+        return (np.asarray(ijk, dtype=np.float64) + 0.5) * self.scale - 0.5 + self.crop_start
+
+    def to_model_index(self, ijk: np.ndarray) -> np.ndarray:
+        return (np.asarray(ijk, dtype=np.float64) - self.crop_start + 0.5) / self.scale - 0.5
+
+
+def body_bbox(hu_ijk: np.ndarray, spacing: np.ndarray, threshold_hu: float, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box [start, stop) of the largest connected region above ``threshold_hu`` (the body).
+
+    Done on a ~4 mm grid because only the box is needed; falls back to the whole volume when
+    nothing is above threshold.
+    """
+    shape = np.array(hu_ijk.shape)
+    step = np.maximum(1, np.round(4.0 / spacing)).astype(int)
+    mask = hu_ijk[:: step[0], :: step[1], :: step[2]] > threshold_hu
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(3, int), shape
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    sl = ndimage.find_objects((labels == largest).astype(np.int8))[0]
+    margin = np.ceil(margin_mm / spacing).astype(int)
+    start = np.array([s.start for s in sl]) * step - margin
+    stop = np.array([s.stop for s in sl]) * step + margin
+    return np.clip(start, 0, shape), np.clip(stop, 0, shape)
+
+
+def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True) -> PreparedImage:
+    """Crop to the body, resample to the model spacing (trilinear) and window to 0..1."""
+    hu_ijk = np.transpose(volume.hu, (2, 1, 0))
+    spacing = np.asarray(volume.spacing, dtype=np.float64)
+    if crop_body:
+        start, stop = body_bbox(hu_ijk, spacing, settings.body_threshold_hu, settings.body_margin_mm)
+    else:
+        start, stop = np.zeros(3, int), np.array(hu_ijk.shape)
+    crop = hu_ijk[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    lo, hi = settings.window_hu
+    x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
+    x = ((x.clamp_(lo, hi) - lo) / (hi - lo))[None, None]
+    in_size = np.array(crop.shape)
+    out_size = np.maximum(1, np.round(in_size * spacing / np.asarray(settings.spacing_mm))).astype(int)
+    if np.any(out_size != in_size):
+        x = F.interpolate(x, size=tuple(int(v) for v in out_size), mode="trilinear", align_corners=False)
+    return PreparedImage(image=x[0, 0], crop_start=start.astype(np.float64), scale=in_size / out_size)
+
+
+class OnnxNetwork(nn.Module):
+    """The exported network behind an ``onnxruntime.InferenceSession``, callable like the torch one."""
+
+    def __init__(self, onnx_path: str, threads: int = 0) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.session.run(None, {self.input_name: images.detach().cpu().numpy().astype(np.float32)})
+        return [torch.from_numpy(o) for o in outputs]
+
+
+def load_torch_network(cfg: NetConfig, state_dict_path) -> nn.Module:
+    net = build_network(cfg, use_list_output=True)
+    net.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+class Detector:
+    """One loaded model; ``detect`` may be called for many volumes (the session is created once)."""
+
+    def __init__(self, spec: ModelSpec, backend: str = "onnxruntime", threads: int = 0) -> None:
+        self.spec = spec
+        self.settings = spec.card.inference
+        cfg = NetConfig.from_dict(spec.card.network)
+        if backend == "onnxruntime":
+            network: nn.Module = OnnxNetwork(str(spec.onnx_path), threads)
+        elif backend == "torch":
+            if spec.state_dict_path is None:
+                raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for backend 'torch'")
+            if threads > 0:
+                torch.set_num_threads(threads)
+            network = load_torch_network(cfg, spec.state_dict_path)
+        else:
+            raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'torch'")
+        self.backend = backend
+        self._detector = configure_for_inference(build_detector(cfg, network), self.settings)
+
+    def detect(self, volume: Volume) -> list[Detection]:
+        """Nodule candidates in LPS mm, highest score first."""
+        prepared = prepare(volume, self.settings)
+        with torch.no_grad():
+            result = self._detector(prepared.image[None, None], use_inferer=True)[0]
+        boxes = result[BOX_KEY].numpy().astype(np.float64)
+        scores = result[SCORE_KEY].numpy().astype(np.float64)
+        detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]
+        return sorted(detections, key=lambda d: -d.score)
+
+
+def configure_for_inference(detector, settings: InferenceSettings):
+    """Score threshold, NMS and sliding window from the model card; eval mode."""
+    detector.set_target_keys(box_key=BOX_KEY, label_key=LABEL_KEY)
+    detector.set_box_selector_parameters(
+        score_thresh=settings.score_threshold,
+        topk_candidates_per_level=settings.topk_candidates_per_level,
+        nms_thresh=settings.nms_threshold,
+        detections_per_img=settings.detections_per_image,
+    )
+    detector.set_sliding_window_inferer(
+        roi_size=list(settings.roi_size), sw_batch_size=1, overlap=settings.overlap, mode="constant"
+    )
+    return detector.eval()
+
+
+def to_detection(box: np.ndarray, score: float, prepared: PreparedImage, volume: Volume) -> Detection:
+    """A model-voxel box (i0, j0, k0, i1, j1, k1) -> Detection in the Volume's LPS world frame."""
+    lo = prepared.to_source_index(box[:3])
+    hi = prepared.to_source_index(box[3:])
+    corners = np.array([[a[0], b[1], c[2]] for a in (lo, hi) for b in (lo, hi) for c in (lo, hi)])
+    world = volume.index_to_world(corners)
+    center = volume.index_to_world((lo + hi) / 2)
+    extents_mm = (hi - lo) * np.asarray(volume.spacing)
+    return Detection(
+        center_mm=tuple(float(v) for v in center),
+        box_mm=tuple(float(v) for v in np.concatenate([world.min(0), world.max(0)])),
+        diameter_mm=float(extents_mm.mean()),
+        score=float(score),
+    )

@@ -1,0 +1,136 @@
+"""Shipped detection models: find a model card, check its ONNX file's sha256, hand back a ModelSpec.
+
+A model is ``models/<name>.json`` (the card), ``models/<name>.onnx`` and optionally
+``models/<name>.pt`` (the same weights as a PyTorch state dict, for the torch comparison backend).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from lungnode.inference.types import ModelInfo
+
+MODELS_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = "lungnode-retina-cpu-v1"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The requested model card or one of its files does not exist."""
+
+
+class ModelIntegrityError(RuntimeError):
+    """A model file's sha256 differs from the one recorded in its card."""
+
+
+class TrainingInfo(BaseModel):
+    command: str
+    config: dict
+    iterations: int
+    seconds: float
+    device: str
+
+
+class DataInfo(BaseModel):
+    description: str
+    train_phantoms: int
+    train_seeds: list[int]  # [first, last] inclusive
+    eval_phantoms: int
+    eval_seeds: list[int]  # [first, last] inclusive
+
+
+class InferenceSettings(BaseModel):
+    spacing_mm: tuple[float, float, float]  # model voxel size (i, j, k)
+    window_hu: tuple[float, float]  # clipped to this range, then scaled to 0..1
+    patch_size: tuple[int, int, int]  # training patch, model voxels (i, j, k)
+    roi_size: tuple[int, int, int]  # sliding window, model voxels (i, j, k)
+    overlap: float
+    score_threshold: float
+    nms_threshold: float
+    topk_candidates_per_level: int
+    detections_per_image: int
+    body_threshold_hu: float
+    body_margin_mm: float
+
+
+class ModelCard(BaseModel):
+    """The JSON model card written by `lungnode train export`."""
+
+    name: str
+    version: str
+    created: str
+    description: str
+    onnx_file: str
+    onnx_sha256: str
+    onnx_opset: int
+    state_dict_file: str | None = None
+    state_dict_sha256: str | None = None
+    parameters: int
+    network: dict  # lungnode.models.retinanet.NetConfig.to_dict()
+    anchor_shapes_voxels: list[list[float]]  # per pyramid level, per anchor (i, j, k)
+    inference: InferenceSettings
+    training: TrainingInfo
+    data: DataInfo
+    metrics: dict[str, float | int | str]
+    export_max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A verified model ready for the Detector."""
+
+    info: ModelInfo
+    onnx_path: Path
+    card: ModelCard
+    state_dict_path: Path | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _card_path(name_or_path: str) -> Path:
+    if name_or_path == "default":
+        name_or_path = DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.is_file():
+        return p
+    return MODELS_DIR / f"{name_or_path}.json"
+
+
+def load_model(name_or_path: str = "default") -> ModelSpec:
+    """Resolve a model name ("default", a name in models/, or a card path) and verify its files."""
+    card_path = _card_path(name_or_path)
+    if not card_path.is_file():
+        known = sorted(p.stem for p in MODELS_DIR.glob("*.json"))
+        raise ModelNotFoundError(
+            f"model card {card_path} not found (model {name_or_path!r}); shipped models: {known or 'none'}"
+        )
+    card = ModelCard.model_validate_json(card_path.read_text())
+    onnx_path = card_path.parent / card.onnx_file
+    if not onnx_path.is_file():
+        raise ModelNotFoundError(f"ONNX file {onnx_path} named by {card_path} is missing")
+    digest = sha256_file(onnx_path)
+    if digest != card.onnx_sha256:
+        raise ModelIntegrityError(
+            f"{onnx_path} has sha256 {digest}, but its card {card_path} says {card.onnx_sha256}"
+        )
+    state_dict_path = None
+    if card.state_dict_file:
+        candidate = card_path.parent / card.state_dict_file
+        if candidate.is_file():
+            if sha256_file(candidate) != card.state_dict_sha256:
+                raise ModelIntegrityError(f"{candidate} does not match the sha256 in {card_path}")
+            state_dict_path = candidate
+    return ModelSpec(
+        info=ModelInfo(name=card.name, version=card.version, sha256=card.onnx_sha256),
+        onnx_path=onnx_path,
+        card=card,
+        state_dict_path=state_dict_path,
+    )

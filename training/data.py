@@ -1,0 +1,205 @@
+"""Training data: synthetic phantoms, prepared exactly like inference input, cut into random patches.
+
+Each phantom is made once (``make_phantom``), pushed through the Detector's own ``prepare`` (body
+crop, resampling to model spacing, windowing) and cached as ``seed_<n>.npy`` (float16 image, I, J, K)
++ ``seed_<n>.json`` (nodule boxes in model voxels). Patches are drawn from the cache by a RNG seeded
+with (run seed, sample number), so a resumed run draws the same patches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from lungnode.inference.detector import PreparedImage, prepare
+from lungnode.inference.types import Volume
+from lungnode.models.registry import InferenceSettings
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """How one phantom is made; None leaves ``make_phantom``'s default (a 512 x 512 clinical-like grid)."""
+
+    spacing_mm: tuple[float, float, float] | None = None
+    field_of_view_mm: float | None = None
+    n_nodules: tuple[int, int] | None = None
+    diameter_range_mm: tuple[float, float] | None = None
+
+    def make_phantom_kwargs(self) -> dict:
+        names = {"spacing_mm": "spacing", "field_of_view_mm": "field_of_view_mm", "n_nodules": "n_nodules",
+                 "diameter_range_mm": "diameter_range_mm"}
+        return {arg: getattr(self, f) for f, arg in names.items() if getattr(self, f) is not None}
+
+
+@dataclass(frozen=True)
+class PhantomMix:
+    """The training population: some phantoms made at the model spacing (fast), the rest at a random
+    scanner-like spacing and resampled by ``prepare`` like a real series."""
+
+    model_spacing_mm: tuple[float, float, float]
+    model_spacing_fraction: float
+    native_inplane_mm: tuple[float, float]
+    native_slice_mm: tuple[float, float]
+    field_of_view_mm: tuple[float, float]
+    n_nodules: tuple[int, int]
+    diameter_range_mm: tuple[float, float]
+
+    def for_seed(self, seed: int) -> PhantomSettings:
+        rng = np.random.default_rng([seed, 0x5EED])
+        if rng.random() < self.model_spacing_fraction:
+            spacing = self.model_spacing_mm
+        else:
+            inplane = float(np.round(rng.uniform(*self.native_inplane_mm), 3))
+            spacing = (inplane, inplane, float(np.round(rng.uniform(*self.native_slice_mm), 2)))
+        return PhantomSettings(
+            spacing_mm=spacing,
+            field_of_view_mm=float(np.round(rng.uniform(*self.field_of_view_mm))),
+            n_nodules=self.n_nodules,
+            diameter_range_mm=self.diameter_range_mm,
+        )
+
+
+def phantom_volume(seed: int, ps: PhantomSettings):
+    """(Volume, Phantom) for one seed; the Volume is built straight from the phantom's arrays."""
+    from lungnode.training.synth import make_phantom
+
+    ph = make_phantom(seed, **ps.make_phantom_kwargs())
+    volume = Volume(
+        hu=ph.hu,
+        spacing=tuple(float(v) for v in ph.spacing),
+        origin=tuple(float(v) for v in ph.origin),
+        direction=np.eye(3),
+        slices=[],
+        study_instance_uid=f"phantom-{seed}",
+        series_instance_uid=f"phantom-{seed}",
+    )
+    return volume, ph
+
+
+def model_boxes(ph, volume: Volume, prepared: PreparedImage) -> np.ndarray:
+    """Nodule boxes (i0, j0, k0, i1, j1, k1) in the prepared image's model voxels."""
+    boxes = []
+    for n in ph.nodules:
+        src = volume.world_to_index(np.asarray(n.center_mm))
+        center = prepared.to_model_index(src)
+        half = n.diameter_mm / 2.0 / (prepared.scale * np.asarray(volume.spacing))
+        boxes.append(np.concatenate([center - half, center + half]))
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 6)
+
+
+def cache_phantom(cache_dir: Path, seed: int, ps: PhantomSettings, inf: InferenceSettings) -> Path:
+    """Make, prepare and store one phantom unless already cached; returns its image path."""
+    img_path = cache_dir / f"seed_{seed}.npy"
+    if not img_path.is_file():
+        volume, ph = phantom_volume(seed, ps)
+        prepared = prepare(volume, inf)
+        boxes = model_boxes(ph, volume, prepared)
+        meta = {"seed": seed, "settings": asdict(ps), "boxes": boxes.tolist(),
+                "diameters_mm": [n.diameter_mm for n in ph.nodules]}
+        (cache_dir / f"seed_{seed}.json").write_text(json.dumps(meta))
+        tmp = cache_dir / f"seed_{seed}.tmp.npy"
+        np.save(tmp, prepared.image.numpy().astype(np.float16))
+        tmp.rename(img_path)
+    return img_path
+
+
+def build_cache(cache_root: Path, seeds: list[int], mix: PhantomMix, inf: InferenceSettings, processes: int = 1) -> list[Path]:
+    """The prepared phantoms for ``seeds`` (made where missing, ``processes`` at a time).
+
+    The cache folder is keyed by the phantom and preprocessing settings, so changing either never
+    reuses stale images.
+    """
+    key = hashlib.sha1(json.dumps([asdict(mix), inf.model_dump(mode="json")], sort_keys=True).encode()).hexdigest()
+    cache_dir = cache_root / key[:12]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(cache_dir, seed, mix.for_seed(seed), inf) for seed in seeds]
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            return list(tqdm(pool.imap(_cache_job, jobs), total=len(jobs), desc="phantoms", dynamic_ncols=True))
+    return [_cache_job(j) for j in tqdm(jobs, desc="phantoms", dynamic_ncols=True)]
+
+
+def _cache_job(job) -> Path:
+    return cache_phantom(*job)
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    patch_size: tuple[int, int, int]
+    positive_fraction: float  # share of patches centred near a nodule
+    flip: bool
+    intensity_jitter: float  # +- relative scale and absolute shift on the 0..1 image
+
+
+class PatchDataset(Dataset):
+    """Sample ``n`` -> (image (1, I, J, K) float32, target {"box": (M, 6), "label": (M,)})."""
+
+    def __init__(self, image_paths: list[Path], ps: PatchSettings, seed: int) -> None:
+        self.image_paths = image_paths
+        self.boxes = [
+            np.asarray(json.loads(p.with_suffix(".json").read_text())["boxes"], np.float32).reshape(-1, 6)
+            for p in image_paths
+        ]
+        self.ps = ps
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, n: int):
+        rng = np.random.default_rng([self.seed, n])
+        idx = int(rng.integers(len(self.image_paths)))
+        image = np.load(self.image_paths[idx], mmap_mode="r")
+        boxes = self.boxes[idx]
+        size = np.array(self.ps.patch_size)
+        shape = np.array(image.shape)
+        if len(boxes) and rng.random() < self.ps.positive_fraction:
+            box = boxes[rng.integers(len(boxes))]
+            center = (box[:3] + box[3:]) / 2
+            margin = np.minimum(size // 4, np.ceil((box[3:] - box[:3]) / 2) + 2)
+            start = np.floor(center - rng.uniform(margin, size - margin)).astype(int)
+        else:
+            start = np.array([rng.integers(0, max(1, s - p + 1)) for s, p in zip(shape, size)])
+        patch = _crop_padded(image, start, size)
+        out = boxes - np.concatenate([start, start]).astype(np.float32)
+        centers = (out[:, :3] + out[:, 3:]) / 2
+        keep = np.all((centers >= 0) & (centers < size), axis=1)
+        out = out[keep]
+        out[:, :3] = np.maximum(out[:, :3], 0)
+        out[:, 3:] = np.minimum(out[:, 3:], size)
+        if self.ps.flip:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    patch = np.flip(patch, axis)
+                    out[:, [axis, axis + 3]] = size[axis] - out[:, [axis + 3, axis]]
+        j = self.ps.intensity_jitter
+        patch = patch * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j)
+        target = {"box": torch.from_numpy(out.copy()), "label": torch.zeros(len(out), dtype=torch.long)}
+        return torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None], target
+
+
+def _crop_padded(image: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """image[start:start+size] with zeros (air after windowing) outside the image."""
+    out = np.zeros(tuple(size), dtype=np.float32)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + size, image.shape)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - start
+    dst_hi = dst_lo + (src_hi - src_lo)
+    out[dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = image[
+        src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
+    ]
+    return out
+
+
+def collate(batch):
+    images = torch.stack([b[0] for b in batch])
+    return images, [b[1] for b in batch]

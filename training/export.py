@@ -1,0 +1,184 @@
+"""`lungnode train export`: trained checkpoint -> ONNX network + state dict + model card (JSON, MD).
+
+The ONNX graph is the network only (input ``image`` (B, 1, I, J, K) with dynamic axes; outputs
+``cls_<level>`` and ``box_<level>``); anchors, decoding and NMS stay in MONAI's RetinaNetDetector
+at inference. The export is checked against PyTorch on an input of another size than traced, and
+the exported model is evaluated on held-out phantoms whose figures go into the card.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungnode.models.registry import DataInfo, ModelCard, TrainingInfo, load_model, sha256_file
+from lungnode.models.retinanet import NetConfig, build_network, count_parameters
+from lungnode.training.data import PhantomSettings
+from lungnode.training.fit import TrainConfig
+
+log = logging.getLogger(__name__)
+OPSET = 17
+MAX_ABS_DIFF = 1e-3
+
+
+def export_onnx(net: torch.nn.Module, path: Path, example_size: tuple[int, int, int], levels: int) -> None:
+    names = [f"cls_{i}" for i in range(levels)] + [f"box_{i}" for i in range(levels)]
+    dynamic = {"image": {0: "batch", 2: "i", 3: "j", 4: "k"}}
+    dynamic.update({n: {0: "batch", 2: f"{n}_i", 3: f"{n}_j", 4: f"{n}_k"} for n in names})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about MONAI's NaN checks in the heads
+        torch.onnx.export(
+            net,
+            (torch.rand(1, 1, *example_size),),
+            str(path),
+            input_names=["image"],
+            output_names=names,
+            opset_version=OPSET,
+            dynamic_axes=dynamic,
+            dynamo=False,
+        )
+
+
+def max_abs_diff(net: torch.nn.Module, onnx_path: Path, size: tuple[int, int, int], seed: int = 0) -> float:
+    """Largest |ORT - PyTorch| over all outputs for a random input of ``size``."""
+    import onnxruntime as ort
+
+    x = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(seed))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ort_out = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        torch_out = net(x)
+    return max(float(np.abs(a - b.numpy()).max()) for a, b in zip(ort_out, torch_out))
+
+
+def anchor_shapes(cfg: NetConfig) -> list[list[float]]:
+    return [[float(s * v) for v in shape] for s in cfg.feature_map_scales for shape in cfg.base_anchor_shapes]
+
+
+def export(checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int] | None, created: str | None = None) -> ModelCard:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.model_validate(ckpt["config"])
+    net_cfg = NetConfig.from_dict(ckpt["net_config"])
+    net = build_network(net_cfg, use_list_output=True)
+    net.load_state_dict(ckpt["network"])
+    net.eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = out.name
+    onnx_path, pt_path = out.with_suffix(".onnx"), out.with_suffix(".pt")
+    export_onnx(net, onnx_path, cfg.inference.patch_size, levels=len(net_cfg.returned_stages))
+    check_size = tuple(int(s) + 8 * (d + 1) for d, s in enumerate(cfg.inference.patch_size))
+    diff = max_abs_diff(net, onnx_path, check_size)
+    print(f"ONNX vs PyTorch on a {check_size} input: max abs diff {diff:.2e}")
+    if diff >= MAX_ABS_DIFF:
+        raise RuntimeError(f"exported ONNX differs from PyTorch by {diff} (limit {MAX_ABS_DIFF})")
+    torch.save(net.state_dict(), pt_path)
+
+    run_dir = Path(checkpoint).parent
+    command_file = run_dir / "command.txt"
+    card = ModelCard(
+        name=name,
+        version=version,
+        created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        description="3D RetinaNet (MONAI) lung nodule detector trained on synthetic chest CT phantoms only",
+        onnx_file=onnx_path.name,
+        onnx_sha256=sha256_file(onnx_path),
+        onnx_opset=OPSET,
+        state_dict_file=pt_path.name,
+        state_dict_sha256=sha256_file(pt_path),
+        parameters=count_parameters(net),
+        network=net_cfg.to_dict(),
+        anchor_shapes_voxels=anchor_shapes(net_cfg),
+        inference=cfg.inference,
+        training=TrainingInfo(
+            command=command_file.read_text().strip() if command_file.is_file() else "",
+            config=ckpt["config"],
+            iterations=int(ckpt["iteration"]),
+            seconds=round(float(ckpt["seconds"]), 1),
+            device="cuda" if torch.cuda.is_available() else f"cpu ({cfg.threads} threads)",
+        ),
+        data=DataInfo(
+            description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom; training: "
+            f"{cfg.phantoms.model_spacing_fraction:.0%} made at the model spacing, the rest at in-plane "
+            f"{cfg.phantoms.native_inplane_mm} mm / slice {cfg.phantoms.native_slice_mm} mm and resampled, "
+            f"field of view {cfg.phantoms.field_of_view_mm} mm, {cfg.phantoms.n_nodules[0]}-{cfg.phantoms.n_nodules[1]} "
+            f"nodules of {cfg.phantoms.diameter_range_mm[0]}-{cfg.phantoms.diameter_range_mm[1]} mm; "
+            "evaluation: make_phantom's defaults (0.7 x 0.7 x 2.5 mm, 512 x 512, 1-4 nodules of 4-25 mm)",
+            train_phantoms=len(cfg.seeds()),
+            train_seeds=list(cfg.train_seeds),
+            eval_phantoms=0 if eval_seeds is None else eval_seeds[1] - eval_seeds[0] + 1,
+            eval_seeds=[] if eval_seeds is None else list(eval_seeds),
+        ),
+        metrics={},
+        export_max_abs_diff=diff,
+    )
+    card_path = out.with_suffix(".json")
+    card_path.write_text(card.model_dump_json(indent=2))
+    if eval_seeds is not None:
+        from lungnode.inference.detector import Detector
+        from lungnode.training.evaluate import evaluate
+
+        overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
+        if overlap:
+            raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
+        result = evaluate(Detector(load_model(str(card_path))), list(range(eval_seeds[0], eval_seeds[1] + 1)), PhantomSettings())
+        card.metrics = result.metrics()
+        card_path.write_text(card.model_dump_json(indent=2))
+    out.with_suffix(".md").write_text(card_markdown(card))
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")
+    print("metrics:", card.metrics)
+    return card
+
+
+def card_markdown(card: ModelCard) -> str:
+    inf = card.inference
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items()) or "| (not evaluated) | |"
+    return f"""# {card.name} (version {card.version})
+
+{card.description}. **Not a medical device; never trained or tuned on patient data.**
+
+- Created: {card.created}
+- Network: MONAI RetinaNet, small 3D ResNet + FPN backbone, {card.parameters:,} parameters; ONNX opset {card.onnx_opset}
+  (`{card.onnx_file}`, sha256 `{card.onnx_sha256}`), PyTorch state dict `{card.state_dict_file}`
+- Input: body crop resampled to {inf.spacing_mm} mm (i, j, k), HU clipped to {inf.window_hu} and scaled to 0..1
+- Sliding window {inf.roi_size} voxels, overlap {inf.overlap}; training patches {inf.patch_size}
+- Anchors (voxels, i j k): {card.anchor_shapes_voxels}
+- Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
+- Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
+- Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
+- Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
+
+## Held-out phantoms (seeds {card.data.eval_seeds})
+
+A nodule is found when a detection's centre lies within its radius; detections elsewhere are false positives.
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Limits
+
+Synthetic phantoms are far simpler than patient CT: figures here say the pipeline works, not how it
+performs clinically.
+"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds))
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("export", help="export a trained checkpoint to ONNX + model card")
+    p.add_argument("--checkpoint", type=Path, required=True, help="runs/NAME/checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True, help="models/NAME (writes NAME.onnx, .pt, .json, .md)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--eval-seeds", type=int, nargs=2, default=(900000, 900019), metavar=("FIRST", "LAST"),
+                   help="held-out phantom seeds evaluated into the card (inclusive)")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.set_defaults(func=_run)

@@ -1,0 +1,235 @@
+"""`lungnode train fit`: train the RetinaNet on synthetic phantoms, resumable, with a loss log.
+
+Writes into ``--out``: ``config.yaml`` (as used), ``checkpoint.pt`` (network, optimiser, schedule,
+iteration; for ``--resume``), ``model.pt`` (network state dict only, for export and the torch
+backend) and ``train_log.jsonl`` (mean losses every ``log_every`` iterations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lungnode.models.registry import InferenceSettings
+from lungnode.models.retinanet import NetConfig, build_detector, build_network
+from lungnode.training.data import PatchDataset, PatchSettings, PhantomMix, build_cache, collate
+
+log = logging.getLogger(__name__)
+
+
+class PhantomConfig(BaseModel):
+    """See training.data.PhantomMix."""
+
+    model_spacing_fraction: float = 0.5
+    native_inplane_mm: tuple[float, float] = (0.6, 0.9)
+    native_slice_mm: tuple[float, float] = (1.25, 2.5)
+    field_of_view_mm: tuple[float, float] = (330.0, 400.0)
+    n_nodules: tuple[int, int] = (1, 5)
+    diameter_range_mm: tuple[float, float] = (4.0, 25.0)
+
+
+class PatchConfig(BaseModel):
+    positive_fraction: float = 0.7
+    flip: bool = True
+    intensity_jitter: float = 0.03
+
+
+class MatcherConfig(BaseModel):
+    num_candidates: int = 4
+    center_in_gt: bool = False
+
+
+class SamplerConfig(BaseModel):
+    batch_size_per_image: int = 64
+    positive_fraction: float = 0.3
+    min_neg: int = 16
+    pool_size: float = 20
+
+
+class TrainConfig(BaseModel):
+    """configs/train_cpu.yaml."""
+
+    seed: int
+    threads: int = 2
+    network: dict = {}
+    phantoms: PhantomConfig
+    train_seeds: tuple[int, int]
+    cache_dir: Path
+    inference: InferenceSettings
+    patches: PatchConfig = PatchConfig()
+    batch_size: int = 4
+    workers: int = 1
+    cache_processes: int = 2
+    iterations: int
+    max_minutes: float = 1e9
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    matcher: MatcherConfig = MatcherConfig()
+    sampler: SamplerConfig = SamplerConfig()
+
+    def net_config(self) -> NetConfig:
+        return NetConfig.from_dict({**NetConfig().to_dict(), **self.network})
+
+    def phantom_mix(self) -> PhantomMix:
+        return PhantomMix(model_spacing_mm=self.inference.spacing_mm, **self.phantoms.model_dump())
+
+    def seeds(self) -> list[int]:
+        return list(range(self.train_seeds[0], self.train_seeds[1] + 1))
+
+
+def load_config(path: Path) -> TrainConfig:
+    return TrainConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    iterations: int
+    seconds: float
+    losses: list[float]  # mean total loss per logged interval
+
+
+def lr_factor(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 5 % over ``iterations``."""
+    if it < cfg.warmup_iterations:
+        return (it + 1) / cfg.warmup_iterations
+    t = (it - cfg.warmup_iterations) / max(1, cfg.iterations - cfg.warmup_iterations)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = "") -> FitResult:
+    """Train (or continue) into ``out_dir``; stops at ``iterations`` or after ``max_minutes``."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+
+    net_cfg = cfg.net_config()
+    detector = build_detector(net_cfg, build_network(net_cfg)).to(device)
+    detector.set_target_keys(box_key="box", label_key="label")
+    detector.set_atss_matcher(num_candidates=cfg.matcher.num_candidates, center_in_gt=cfg.matcher.center_in_gt)
+    detector.set_hard_negative_sampler(**cfg.sampler.model_dump())
+    optimizer = torch.optim.AdamW(detector.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+
+    start_it, seconds_before = 0, 0.0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        detector.network.load_state_dict(ckpt["network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_it, seconds_before = ckpt["iteration"], ckpt["seconds"]
+        log.info("resuming %s at iteration %d", out_dir, start_it)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out_dir / "command.txt").write_text(command + "\n")
+
+    log.info("preparing %d training phantoms in %s", len(cfg.seeds()), cfg.cache_dir)
+    paths = build_cache(Path(cfg.cache_dir), cfg.seeds(), cfg.phantom_mix(), cfg.inference, cfg.cache_processes)
+    dataset = PatchDataset(
+        paths,
+        PatchSettings(patch_size=cfg.inference.patch_size, **cfg.patches.model_dump()),
+        seed=cfg.seed,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=range(start_it * cfg.batch_size, cfg.iterations * cfg.batch_size),
+        num_workers=cfg.workers,
+        collate_fn=collate,
+    )
+
+    def save(it: int, seconds: float) -> None:
+        state = {
+            "iteration": it,
+            "seconds": seconds,
+            "network": detector.network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "net_config": net_cfg.to_dict(),
+            "config": cfg.model_dump(mode="json"),
+        }
+        torch.save(state, out_dir / "checkpoint.tmp")
+        (out_dir / "checkpoint.tmp").replace(ckpt_path)
+        torch.save(detector.network.state_dict(), out_dir / "model.pt")
+
+    detector.train()
+    t0 = time.monotonic()
+    it = start_it
+    window: list[tuple[float, float]] = []
+    losses: list[float] = []
+    bar = tqdm(loader, total=cfg.iterations - start_it, initial=0, desc="fit", dynamic_ncols=True)
+    with open(out_dir / "train_log.jsonl", "a") as logf:
+        for images, targets in bar:
+            images = images.to(device)
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            parts = detector(images, targets)
+            loss = parts[detector.cls_key] + parts[detector.box_reg_key]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(detector.network.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            it += 1
+            window.append((parts[detector.cls_key].item(), parts[detector.box_reg_key].item()))
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if len(window) == cfg.log_every or it == cfg.iterations:
+                cls_l, box_l = (float(v) for v in np.mean(window, axis=0))
+                losses.append(cls_l + box_l)
+                seconds = seconds_before + time.monotonic() - t0
+                rec = {"iteration": it, "loss": cls_l + box_l, "cls": cls_l, "box": box_l, "seconds": round(seconds, 1)}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                window.clear()
+            elapsed = time.monotonic() - t0
+            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+                save(it, seconds_before + elapsed)
+            if elapsed > cfg.max_minutes * 60:
+                log.warning("stopping at iteration %d: max_minutes=%s reached", it, cfg.max_minutes)
+                break
+    total = seconds_before + time.monotonic() - t0
+    save(it, total)
+    log.info("trained to iteration %d in %.0f s; weights in %s", it, total, out_dir / "model.pt")
+    return FitResult(out_dir=out_dir, iterations=it, seconds=total, losses=losses)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.iterations is not None:
+        cfg.iterations = args.iterations
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
+    command = "lungnode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    fit(cfg, args.out, resume=args.resume, command=command)
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("fit", help="train the RetinaNet detector on synthetic phantoms")
+    p.add_argument("--config", type=Path, required=True, help="training config YAML (configs/train_cpu.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, logs, model.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--iterations", type=int, help="override the config's iterations")
+    p.add_argument("--max-minutes", type=float, help="override the config's time limit")
+    p.set_defaults(func=_run)
