@@ -35,7 +35,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lungnode", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lungnode", description="AI lung-nodule detection beside the PACS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings (YAML + environment)")
     p.set_defaults(func=_cmd_config)
 
+    from lungnode.models.bundle_import import add_command as register_models
     from lungnode.training.cli import register as register_train
 
     register_train(sub)
+    register_models(sub)
     return parser
 
 
