@@ -127,11 +127,19 @@ class Detector:
         self.backend = backend
         self._detector = configure_for_inference(build_detector(cfg, network), self.settings)
 
-    def detect(self, volume: Volume) -> list[Detection]:
-        """Nodule candidates in LPS mm, highest score first."""
+    def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
+        """Nodule candidates in LPS mm, highest score first. `score_threshold` overrides the card's
+        (an evaluation wants every candidate to draw the whole FROC curve)."""
         prepared = prepare(volume, self.settings)
-        with torch.no_grad():
-            result = self._detector(prepared.image[None, None], use_inferer=True)[0]
+        selector = self._detector.box_selector
+        card_threshold = selector.score_thresh
+        if score_threshold is not None:
+            selector.score_thresh = score_threshold
+        try:
+            with torch.no_grad():
+                result = self._detector(prepared.image[None, None], use_inferer=True)[0]
+        finally:
+            selector.score_thresh = card_threshold
         boxes = result[BOX_KEY].numpy().astype(np.float64)
         scores = result[SCORE_KEY].numpy().astype(np.float64)
         detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]

@@ -79,3 +79,29 @@ def _frame_at(ds: pydicom.Dataset, position: np.ndarray) -> int:
         if d < best_d:
             best, best_d = number, d
     return best
+
+
+def load_image_file(path: Path) -> Volume:
+    """A .mhd/.nii(.gz)/.nrrd volume (LUNA16 ships .mhd) through SimpleITK, whose physical frame is LPS."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)  # (k, j, i)
+    return Volume(
+        hu=hu,
+        spacing=tuple(float(s) for s in image.GetSpacing()),
+        origin=tuple(float(o) for o in image.GetOrigin()),
+        direction=np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3),
+        slices=[],
+        study_instance_uid="",
+        series_instance_uid=Path(path).name.split(".")[0],
+    )
+
+
+def load_any(path: Path) -> Volume:
+    """A DICOM series folder or a volume file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return load_volume(files)
+    return load_image_file(path)

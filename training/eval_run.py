@@ -1,0 +1,161 @@
+"""`lungnode train eval`: run a model over evaluation scans and score it as LUNA16 does (FROC, CPM,
+per-size table, plot), with a per-scan table at the model's own score threshold."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lungnode.inference.detector import Detector
+from lungnode.models.registry import load_model
+from lungnode.training.eval_report import markdown_table, plot_froc, size_table
+from lungnode.training.eval_sets import EvalScan, datalist_scans, luna16_scans, phantom_scans
+from lungnode.training.froc import (
+    Annotation, Candidate, FrocResult, candidates_from_detections, evaluate_froc, save_candidates_csv,
+)
+
+EVAL_SCORE_FLOOR = 0.01  # candidates down to this score draw the FROC curve; the node reports fewer
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    name: str
+    nodules: int
+    found: int  # at the model's score threshold
+    false_positives: int
+    ignored: int
+    seconds: float
+
+
+@dataclass
+class EvalOutcome:
+    froc: FrocResult | None  # None when the scans hold no nodule (only FP counts then)
+    rows: list[ScanRow]
+    candidates: list[Candidate]
+
+    def metrics(self, prefix: str) -> dict[str, float | int]:
+        scans = max(1, len(self.rows))
+        out: dict[str, float | int] = {
+            f"{prefix}_scans": len(self.rows),
+            f"{prefix}_nodules": sum(r.nodules for r in self.rows),
+            f"{prefix}_found_at_threshold": sum(r.found for r in self.rows),
+            f"{prefix}_fp_per_scan_at_threshold": round(sum(r.false_positives for r in self.rows) / scans, 3),
+            f"{prefix}_seconds_per_scan": round(sum(r.seconds for r in self.rows) / scans, 2),
+        }
+        if self.froc is not None:
+            out[f"{prefix}_cpm"] = round(self.froc.cpm, 4)
+            out.update({f"{prefix}_sens_at_{fp:g}fp": round(s, 4) for fp, s in self.froc.operating_points.items()})
+        return out
+
+
+def _count(cands: list[Candidate], nodules: list[Annotation], excluded: list[Annotation]) -> tuple[int, int, int]:
+    """Found nodules, false positives and ignored marks among the marks the node would report."""
+    import numpy as np
+
+    def inside(c: Candidate, a: Annotation) -> bool:
+        return float(np.linalg.norm(np.subtract(c.center_mm, a.center_mm))) < a.size_mm / 2
+
+    found = sum(any(inside(c, a) for c in cands) for a in nodules)
+    fps = ignored = 0
+    for c in cands:
+        if any(inside(c, a) for a in nodules):
+            continue
+        if any(inside(c, a) for a in excluded):
+            ignored += 1
+        else:
+            fps += 1
+    return found, fps, ignored
+
+
+def evaluate(detector: Detector, scans: list[EvalScan], *, bootstraps: int = 1000, seed: int = 0) -> EvalOutcome:
+    threshold = detector.spec.card.inference.score_threshold
+    rows, all_cands, nodules, excluded = [], [], [], []
+    for scan in tqdm(scans, desc="evaluate", unit="scan", dynamic_ncols=True):
+        loaded = scan.load()
+        started = time.perf_counter()
+        detections = detector.detect(loaded.volume, score_threshold=EVAL_SCORE_FLOOR)
+        seconds = time.perf_counter() - started
+        cands = candidates_from_detections(scan.series_uid, detections)
+        reported = [c for c in cands if c.score >= threshold]
+        rows.append(ScanRow(scan.name, len(loaded.annotations), *_count(reported, loaded.annotations, loaded.excluded),
+                            seconds))
+        all_cands += cands
+        nodules += loaded.annotations
+        excluded += loaded.excluded
+    froc = None
+    if nodules:
+        froc = evaluate_froc(all_cands, nodules, excluded, [s.series_uid for s in scans], bootstraps=bootstraps, seed=seed)
+    return EvalOutcome(froc, rows, all_cands)
+
+
+def scan_table(rows: list[ScanRow], threshold: float) -> str:
+    lines = [f"at the model's score threshold {threshold:g}:",
+             f"{'scan':<28}{'nodules':>8}{'found':>7}{'FP':>5}{'ignored':>9}{'seconds':>9}"]
+    lines += [f"{r.name[:27]:<28}{r.nodules:>8}{r.found:>7}{r.false_positives:>5}{r.ignored:>9}{r.seconds:>9.1f}"
+              for r in rows]
+    n = max(1, len(rows))
+    lines.append(f"{'total':<28}{sum(r.nodules for r in rows):>8}{sum(r.found for r in rows):>7}"
+                 f"{sum(r.false_positives for r in rows):>5}{sum(r.ignored for r in rows):>9}"
+                 f"{sum(r.seconds for r in rows) / n:>9.1f} s/scan")
+    return "\n".join(lines)
+
+
+def _scans(args: argparse.Namespace) -> list[EvalScan]:
+    if args.phantoms:
+        return phantom_scans(*args.phantoms)
+    if args.datalist:
+        return datalist_scans(args.datalist, args.section)
+    if args.luna16_series:
+        return luna16_scans(args.luna16_series, args.annotations, args.excluded)
+    raise SystemExit("say what to evaluate on: --phantoms FIRST LAST, --datalist FILE or --luna16-series DIR")
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_model(args.model)
+    detector = Detector(spec, backend=args.backend)
+    outcome = evaluate(detector, _scans(args), bootstraps=args.bootstraps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threshold = spec.card.inference.score_threshold
+    print(f"\n{spec.info.name} {spec.info.version} on {args.name}")
+    print(scan_table(outcome.rows, threshold))
+    report = [f"# {spec.info.name} {spec.info.version} on {args.name}", "", "```", scan_table(outcome.rows, threshold), "```"]
+    if outcome.froc is not None:
+        print("\nLUNA16 FROC (all candidates):\n" + size_table(outcome.froc))
+        plot_froc(outcome.froc, out / "froc.png", title=f"{spec.info.name} on {args.name}")
+        report += ["", markdown_table(outcome.froc), "", "![FROC](froc.png)"]
+        print(f"FROC plot: {out / 'froc.png'}")
+    save_candidates_csv(outcome.candidates, out / "candidates.csv")
+    metrics = outcome.metrics(args.name)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    if args.update_card:
+        card_path = spec.onnx_path.with_suffix(".json")
+        card = json.loads(card_path.read_text())
+        card.setdefault("metrics", {}).update(metrics)
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"metrics written into {card_path}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("eval", help="score a model with LUNA16's FROC/CPM on phantoms, a datalist or LUNA16 series")
+    p.add_argument("--model", default="default", help="model name in models/ or a card path")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), help="held-out phantom seeds")
+    what.add_argument("--datalist", type=Path, help="datalist JSON from `lungnode train import`")
+    what.add_argument("--luna16-series", type=Path, metavar="DIR", help="DICOM series scored with the LUNA16 lists")
+    p.add_argument("--section", default="validation", help="datalist section (default: validation)")
+    p.add_argument("--annotations", type=Path, help="LUNA16 annotations.csv")
+    p.add_argument("--excluded", type=Path, help="LUNA16 annotations_excluded.csv (don't-care findings)")
+    p.add_argument("--name", default="eval", help="name of this evaluation set (metric prefix)")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"))
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--bootstraps", type=int, default=1000)
+    p.add_argument("--update-card", action="store_true", help="write the metrics into the model card")
+    p.set_defaults(func=_run)
