@@ -6,6 +6,7 @@ A model is ``models/<name>.json`` (the card), ``models/<name>.onnx`` and optiona
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from pydantic import BaseModel
 from lungnode.inference.types import ModelInfo
 
 MODELS_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = "lungnode-retina-cpu-v1"
+DEFAULT_MODEL = "lungnode-retina-cpu-v1"  # the shipped model, until a site promotes another
+REGISTRY_FILE = "registry.json"  # {"default": NAME, "history": [promotion records]}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -95,9 +97,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def default_model_name(models_dir: Path = MODELS_DIR) -> str:
+    """The model the node runs: the last promoted one, else the shipped one."""
+    registry = models_dir / REGISTRY_FILE
+    if registry.is_file():
+        return json.loads(registry.read_text())["default"]
+    return DEFAULT_MODEL
+
+
 def _card_path(name_or_path: str) -> Path:
     if name_or_path == "default":
-        name_or_path = DEFAULT_MODEL
+        name_or_path = default_model_name()
     p = Path(name_or_path)
     if p.suffix == ".json" or p.is_file():
         return p

@@ -7,7 +7,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="make data, train, evaluate and export detection models")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
-    from lungnode.training import eval_run, export, fit, synth
+    from lungnode.training import eval_run, export, fit, promote, synth
 
-    for module in (synth, fit, eval_run, export):
+    for module in (synth, fit, eval_run, export, promote):
         module.add_command(tsub)

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from lungnode.inference.detector import Detector
 from lungnode.models.registry import load_model
 from lungnode.training.eval_report import markdown_table, plot_froc, size_table
-from lungnode.training.eval_sets import EvalScan, datalist_scans, luna16_scans, phantom_scans
+from lungnode.training import eval_sets
+from lungnode.training.eval_sets import EvalScan
 from lungnode.training.froc import (
     Annotation, Candidate, FrocResult, candidates_from_detections, evaluate_froc, save_candidates_csv,
 )
@@ -104,20 +105,11 @@ def scan_table(rows: list[ScanRow], threshold: float) -> str:
     return "\n".join(lines)
 
 
-def _scans(args: argparse.Namespace) -> list[EvalScan]:
-    if args.phantoms:
-        return phantom_scans(*args.phantoms)
-    if args.datalist:
-        return datalist_scans(args.datalist, args.section)
-    if args.luna16_series:
-        return luna16_scans(args.luna16_series, args.annotations, args.excluded)
-    raise SystemExit("say what to evaluate on: --phantoms FIRST LAST, --datalist FILE or --luna16-series DIR")
-
-
 def _run(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     detector = Detector(spec, backend=args.backend)
-    outcome = evaluate(detector, _scans(args), bootstraps=args.bootstraps)
+    scans, _ = eval_sets.from_arguments(args)
+    outcome = evaluate(detector, scans, bootstraps=args.bootstraps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threshold = spec.card.inference.score_threshold
@@ -146,13 +138,7 @@ def _run(args: argparse.Namespace) -> int:
 def add_command(tsub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("eval", help="score a model with LUNA16's FROC/CPM on phantoms, a datalist or LUNA16 series")
     p.add_argument("--model", default="default", help="model name in models/ or a card path")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), help="held-out phantom seeds")
-    what.add_argument("--datalist", type=Path, help="datalist JSON from `lungnode train import`")
-    what.add_argument("--luna16-series", type=Path, metavar="DIR", help="DICOM series scored with the LUNA16 lists")
-    p.add_argument("--section", default="validation", help="datalist section (default: validation)")
-    p.add_argument("--annotations", type=Path, help="LUNA16 annotations.csv")
-    p.add_argument("--excluded", type=Path, help="LUNA16 annotations_excluded.csv (don't-care findings)")
+    eval_sets.add_arguments(p)
     p.add_argument("--name", default="eval", help="name of this evaluation set (metric prefix)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])

@@ -77,3 +77,25 @@ def luna16_scans(series_root: Path, annotations_csv: Path, excluded_csv: Path | 
         name = folder.parent.name if folder.parent != Path(series_root) else folder.name
         scans.append(EvalScan(uid, name, lambda folder=folder, a=mine, e=ignore: LoadedScan(load_any(folder), a, e)))
     return scans
+
+
+def add_arguments(p) -> None:
+    """The command-line choice of evaluation set, shared by `eval` and `promote`."""
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), help="held-out phantom seeds")
+    what.add_argument("--datalist", type=Path, help="datalist JSON from `lungnode train import`")
+    what.add_argument("--luna16-series", type=Path, metavar="DIR", help="DICOM series scored with the LUNA16 lists")
+    p.add_argument("--section", default="validation", help="datalist section (default: validation)")
+    p.add_argument("--annotations", type=Path, help="LUNA16 annotations.csv (with --luna16-series)")
+    p.add_argument("--excluded", type=Path, help="LUNA16 annotations_excluded.csv: don't-care findings")
+
+
+def from_arguments(args) -> tuple[list[EvalScan], str]:
+    """The scans and a description of the set."""
+    if args.phantoms:
+        return phantom_scans(*args.phantoms), f"phantoms {args.phantoms[0]}-{args.phantoms[1]}"
+    if args.datalist:
+        return datalist_scans(args.datalist, args.section), f"{args.datalist} [{args.section}]"
+    if args.annotations is None:
+        raise SystemExit("--luna16-series needs --annotations (LUNA16 annotations.csv)")
+    return luna16_scans(args.luna16_series, args.annotations, args.excluded), str(args.luna16_series)
