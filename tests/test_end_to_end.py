@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from lungnode.peers import PEER_ENV, NodeProcess, OrthancServer, free_port, wait_for
 from tests.conftest import lidc_series, need_tool
