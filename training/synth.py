@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian
@@ -625,9 +625,25 @@ def _place_nodule(rng, grid: _Grid, anat: _Anatomy, body: _Body, r: float, attac
     return None
 
 
-def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarray, r: float, kind: str,
-                 edge: float) -> None:
-    """Lobulated (sometimes spiculated) ellipsoid; part-solid = solid core inside a ground-glass halo."""
+@dataclass(frozen=True)
+class NoduleField:
+    """A nodule drawn on a box of a grid, before it is blended into an image."""
+
+    box: tuple[slice, slice, slice]  # (k, j, i) slices of the grid
+    coverage: np.ndarray  # fraction of each voxel inside the nodule (soft edge: partial volume)
+    hu: np.ndarray  # the nodule's own density at each voxel
+
+
+def nodule_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing: Sequence[float],
+                 origin: Sequence[float], center_mm: np.ndarray, radius_mm: float, kind: str,
+                 edge_mm: float) -> NoduleField | None:
+    """Lobulated (sometimes spiculated) ellipsoid; part-solid = solid core inside a ground-glass halo.
+
+    The shape model of the phantoms, shared with the insertion of nodules into real scans; the grid is
+    axis aligned (voxel (i, j, k) at origin + (i, j, k) * spacing). None when the nodule misses the grid.
+    """
+    grid = _Grid(tuple(shape), tuple(spacing), tuple(origin))
+    c, r, edge = np.asarray(center_mm, float), radius_mm, edge_mm
     axes = rng.uniform(0.85, 1.15, 3)
     axes *= r / np.prod(axes) ** (1 / 3)
     rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -643,7 +659,7 @@ def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarr
     reach = axes.max() * (1.0 + max(lobe_amp.max(), 0.0)) + 2 * edge
     sl = grid.box(c - reach, c + reach)
     if sl is None:
-        return
+        return None
     z, y, x = grid.box_coords(sl)
     dx, dy, dz = x - c[0], y - c[1], z - c[2]
     u = [(rot[0, a] * dx + rot[1, a] * dy + rot[2, a] * dz) / axes[a] for a in range(3)]
@@ -652,9 +668,9 @@ def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarr
     for k, amp, w in zip(lobe_dir, lobe_amp, lobe_w):
         cos = (u[0] * k[0] + u[1] * k[1] + u[2] * k[2]) / rho
         surface += amp * np.exp((cos - 1.0) / w)
-    cov = np.clip((surface - rho) * r / edge + 0.5, 0.0, 1.0) * lung[sl]
+    cov = np.clip((surface - rho) * r / edge + 0.5, 0.0, 1.0)
     if kind == "solid":
-        value = np.float32(rng.uniform(0.0, 60.0))
+        value = np.full(rho.shape, rng.uniform(0.0, 60.0), np.float32)
     else:
         value = np.full(rho.shape, rng.uniform(-600.0, -320.0), np.float32)
         if kind == "part-solid":
@@ -663,29 +679,49 @@ def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarr
             rc = np.sqrt((u[0] - off[0]) ** 2 + (u[1] - off[1]) ** 2 + (u[2] - off[2]) ** 2)
             core = np.clip((f - rc) * r / edge + 0.5, 0.0, 1.0)
             value += core * (rng.uniform(0.0, 50.0) - value)
-    h = hu[sl]
-    hu[sl] = np.maximum(h, h + cov * (value - h))
+    return NoduleField(box=sl, coverage=cov, hu=value)
 
 
-def _add_nodules(rng, grid, anat, body, n_range, diameter_range, kinds, attachments, edge) -> list[NoduleSpec]:
+def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarray, r: float, kind: str,
+                 edge: float) -> None:
+    """Draw one nodule into the phantom, only where the lung is (it rests against the pleura)."""
+    field = nodule_field(rng, grid.shape, grid.spacing, grid.origin, c, r, kind, edge)
+    if field is None:
+        return
+    cov = field.coverage * lung[field.box]
+    h = hu[field.box]
+    hu[field.box] = np.maximum(h, h + cov * (field.hu - h))
+
+
+def add_nodules(rng: np.random.Generator, n_range: tuple[int, int], diameter_range: tuple[float, float],
+                kinds: Sequence[str], attachments: Sequence[str], *,
+                place: Callable[[float, str, list[tuple[np.ndarray, float]]], np.ndarray | None],
+                draw: Callable[[np.ndarray, float, str], None],
+                taken: Sequence[tuple[np.ndarray, float]] = (),
+                to_world: Callable[[np.ndarray], np.ndarray] = lambda c: c) -> list[NoduleSpec]:
+    """Draw n (inclusive range) nodules: kind and attachment by the usual frequencies, a log-uniform
+    diameter (small nodules are the common ones); one that finds no place shrinks 15 % a step down to
+    the smallest diameter, then is left out. ``place(r, attachment, taken)`` finds a centre clear of the
+    (centre, radius) pairs in ``taken`` (it starts with the given ones), ``draw(c, r, kind)`` draws it;
+    ``to_world`` maps a centre to the LPS mm of its NoduleSpec."""
     n = int(rng.integers(n_range[0], n_range[1] + 1))
     lo, hi = np.log(diameter_range[0]), np.log(diameter_range[1])
-    taken: list[tuple[np.ndarray, float]] = []
+    taken = list(taken)
     specs = []
     for _ in range(n):
         kind = _weighted(rng, kinds, _KIND_WEIGHTS)
         attachment = _weighted(rng, attachments, _ATTACHMENT_WEIGHTS)
-        d = float(np.exp(rng.uniform(lo, hi)))  # log-uniform: small nodules are the common ones
+        d = float(np.exp(rng.uniform(lo, hi)))
         c = None
         while c is None and d >= diameter_range[0] * 0.999:
-            c = _place_nodule(rng, grid, anat, body, d / 2, attachment, taken)
+            c = place(d / 2, attachment, taken)
             if c is None:
                 d *= 0.85
         if c is None:
             continue
-        _draw_nodule(rng, grid, anat.hu, anat.lung, c, d / 2, kind, edge)
+        draw(c, d / 2, kind)
         taken.append((c, d / 2))
-        specs.append(NoduleSpec(tuple(round(float(v), 2) for v in c), round(d, 2), kind, attachment))
+        specs.append(NoduleSpec(tuple(round(float(v), 2) for v in to_world(c)), round(d, 2), kind, attachment))
     return specs
 
 
@@ -755,7 +791,11 @@ def make_phantom(
     body = _sample_body(rng, grid, fov[0])
     anat = _build_anatomy(rng, grid, body)
     edge = 0.8 * min(sx, sy) + 0.3
-    nodules = _add_nodules(rng, grid, anat, body, n_nodules, diameter_range_mm, list(kinds), list(attachments), edge)
+    nodules = add_nodules(
+        rng, n_nodules, diameter_range_mm, list(kinds), list(attachments),
+        place=lambda r, attachment, taken: _place_nodule(rng, grid, anat, body, r, attachment, taken),
+        draw=lambda c, r, kind: _draw_nodule(rng, grid, anat.hu, anat.lung, c, r, kind, edge),
+    )
     hu = _scan(rng, anat.hu, (sx, sy, sz), noise_hu, blur_mm, body)
     return Phantom(hu=hu, spacing=(sx, sy, sz), origin=tuple(float(o) for o in origin), nodules=nodules)
 
@@ -872,15 +912,22 @@ def write_dicom_series(
 
 
 def write_nifti(phantom: Phantom, path: Path) -> Path:
-    """Write the volume with its LPS geometry (SimpleITK stores it as NIfTI's RAS header)."""
+    """Write the phantom with its LPS geometry."""
+    return write_nifti_image(phantom.hu, phantom.spacing, phantom.origin, np.eye(3), path)
+
+
+def write_nifti_image(hu: np.ndarray, spacing: Sequence[float], origin: Sequence[float], direction: np.ndarray,
+                      path: Path) -> Path:
+    """Write a (k, j, i) array with its LPS geometry (SimpleITK stores it as NIfTI's RAS header);
+    direction's columns are the world directions of i, j, k."""
     import SimpleITK as sitk
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = sitk.GetImageFromArray(phantom.hu)
-    img.SetSpacing(tuple(float(s) for s in phantom.spacing))
-    img.SetOrigin(tuple(float(o) for o in phantom.origin))
-    img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    img.SetDirection(tuple(float(v) for v in np.asarray(direction, float).ravel()))
     sitk.WriteImage(img, str(path), useCompression=path.suffix == ".gz")
     return path
 
@@ -932,7 +979,7 @@ def _size_bin(d: float) -> str:
     return "<6 mm" if d < 6 else "6-10 mm" if d < 10 else "10-20 mm" if d < 20 else ">=20 mm"
 
 
-def summarize(datalist: Path) -> str:
+def summarize(datalist: Path, what: str = "phantoms") -> str:
     """Readable summary of a generated data set: counts by size, kind and attachment."""
     entries = json.loads(Path(datalist).read_text())["training"]
     sizes = Counter(_size_bin(d) for e in entries for d in e["diameter_mm"])
@@ -941,7 +988,7 @@ def summarize(datalist: Path) -> str:
     total = sum(kinds.values())
     order = ["<6 mm", "6-10 mm", "10-20 mm", ">=20 mm"]
     return "\n".join([
-        f"{len(entries)} phantoms, {total} nodules, written under {Path(datalist).parent}",
+        f"{len(entries)} {what}, {total} nodules, written under {Path(datalist).parent}",
         "  by size:       " + ", ".join(f"{b} {sizes[b]}" for b in order),
         "  by kind:       " + ", ".join(f"{k} {kinds[k]}" for k in KINDS),
         "  by attachment: " + ", ".join(f"{a} {attach[a]}" for a in ATTACHMENTS),
@@ -950,6 +997,13 @@ def summarize(datalist: Path) -> str:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    if args.insert_into:
+        from lungnode.training.insertion import generate_inserted_dataset
+
+        datalist = generate_inserted_dataset([Path(d) for d in args.insert_into], Path(args.out), args.n, args.seed,
+                                             fmt=args.format, annotations=args.annotations)
+        print(summarize(datalist, "real series with simulated nodules"))
+        return 0
     datalist = generate_dataset(Path(args.out), args.n, args.seed, fmt=args.format, spacing=tuple(args.spacing))
     print(summarize(datalist))
     return 0
@@ -964,4 +1018,10 @@ def add_command(tsub) -> None:
     p.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
     p.add_argument("--spacing", type=float, nargs=3, default=(0.7, 0.7, 2.5), metavar=("X", "Y", "Z"),
                    help="voxel size in mm (column, row, slice)")
+    p.add_argument("--insert-into", action="append", metavar="SERIES_DIR",
+                   help="instead of phantoms, write --n copies of this real CT series (repeat for more, used in "
+                        "turn) with simulated nodules inserted; its own spacing is kept")
+    p.add_argument("--annotations", metavar="CSV",
+                   help="with --insert-into: LUNA16-style annotations.csv; the series' labelled nodules are "
+                        "kept clear of and listed in the datalist")
     p.set_defaults(func=_cmd_synth)
