@@ -8,6 +8,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="make data, train, evaluate and export detection models")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
     from lungnode.training import eval_run, export, fit, promote, synth
+    from lungnode.training.importers import command as importers
 
-    for module in (synth, fit, eval_run, export, promote):
+    for module in (importers, synth, fit, eval_run, export, promote):
         module.add_command(tsub)
