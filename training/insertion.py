@@ -258,12 +258,14 @@ def write_derived_series(volume: Volume, hu: np.ndarray, out_dir: Path, *, n_nod
     """Write ``hu`` (planes as ``volume.slices``) as a new CT series: every source header is copied,
     the geometry is the same, the series and instance UIDs are new, ImageType is DERIVED\\SECONDARY and
     DerivationDescription says simulated nodules were inserted (it is training data, not a patient's
-    image). A new ``study_instance_uid`` keeps the result out of the patient's real study."""
+    image). It goes into a new study unless ``study_instance_uid`` names one, so simulated nodules
+    never land in a patient's real study if the series reaches a PACS."""
     if not volume.slices or any(ref.frame_number is not None for ref in volume.slices):
         raise ValueError("writing a derived series needs single-frame source instances (Volume.slices)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
+    study_uid = study_instance_uid or generate_uid()
     paths = []
     for k, ref in enumerate(volume.slices):
         ds = pydicom.dcmread(ref.path)
@@ -272,8 +274,7 @@ def write_derived_series(volume: Volume, hu: np.ndarray, out_dir: Path, *, n_nod
         ds.SourceImageSequence[0].ReferencedSOPInstanceUID = ds.SOPInstanceUID
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series_uid
-        if study_instance_uid:
-            ds.StudyInstanceUID = study_instance_uid
+        ds.StudyInstanceUID = study_uid
         ds.SeriesNumber = int(ds.get("SeriesNumber") or 0) + 1000
         ds.SeriesDescription = f"{ds.get('SeriesDescription', '')} {series_description}".strip()[:64]
         ds.ImageType = ["DERIVED", "SECONDARY", *list(ds.get("ImageType", ["", "", "AXIAL"]))[2:]]
