@@ -44,6 +44,20 @@ def _http_ok(url: str) -> bool:
     return requests.get(url, timeout=2).ok
 
 
+def _terminate(proc: subprocess.Popen | None, log, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time; close its log."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    log.close()
+
+
 class OrthancServer:
     """A throw-away Orthanc (Debian package) with its own storage, on free loopback ports."""
 
@@ -80,14 +94,7 @@ class OrthancServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self.proc:
-            self.log.close()
+        _terminate(self.proc, getattr(self, "log", None), 10)
 
     def __enter__(self) -> "OrthancServer":
         return self.start()
@@ -162,14 +169,7 @@ class NodeProcess:
         self.log.close()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if self.proc:
-            self.log.close()
+        _terminate(self.proc, getattr(self, "log", None), 30)
 
     def study(self, study_uid: str) -> dict | None:
         r = requests.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
