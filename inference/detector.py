@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.types import Detection, Volume
 from lungnode.models.registry import InferenceSettings, ModelSpec
 from lungnode.models.retinanet import NetConfig, build_detector, build_network
@@ -64,11 +65,15 @@ def body_bbox(hu_ijk: np.ndarray, spacing: np.ndarray, threshold_hu: float, marg
     return np.clip(start, 0, shape), np.clip(stop, 0, shape)
 
 
-def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True) -> PreparedImage:
-    """Crop to the body, resample to the model spacing (trilinear) and window to 0..1."""
+def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
+            region: tuple[np.ndarray, np.ndarray] | None = None) -> PreparedImage:
+    """Crop to `region` ((i, j, k) start, stop) or else the body, resample to the model spacing
+    (trilinear) and window to 0..1."""
     hu_ijk = np.transpose(volume.hu, (2, 1, 0))
     spacing = np.asarray(volume.spacing, dtype=np.float64)
-    if crop_body:
+    if region is not None:
+        start, stop = region
+    elif crop_body:
         start, stop = body_bbox(hu_ijk, spacing, settings.body_threshold_hu, settings.body_margin_mm)
     else:
         start, stop = np.zeros(3, int), np.array(hu_ijk.shape)
@@ -130,7 +135,12 @@ class Detector:
     def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
         """Nodule candidates in LPS mm, highest score first. `score_threshold` overrides the card's
         (an evaluation wants every candidate to draw the whole FROC curve)."""
-        prepared = prepare(volume, self.settings)
+        lungs = self._lungs(volume)
+        region = None
+        if lungs is not None:
+            box = lung_bbox(lungs, volume, self.settings.lung_margin_mm)[::-1]  # (i, j, k)
+            region = (np.array([s.start for s in box]), np.array([s.stop for s in box]))
+        prepared = prepare(volume, self.settings, region=region)
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
         if score_threshold is not None:
@@ -143,7 +153,22 @@ class Detector:
         boxes = result[BOX_KEY].numpy().astype(np.float64)
         scores = result[SCORE_KEY].numpy().astype(np.float64)
         detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]
+        if lungs is not None and detections:
+            keep = inside_lungs(lungs, volume, np.array([d.center_mm for d in detections]),
+                                self.settings.lung_tolerance_mm)
+            detections = [d for d, k in zip(detections, keep) if k]
         return sorted(detections, key=lambda d: -d.score)
+
+    def _lungs(self, volume: Volume) -> np.ndarray | None:
+        """The lung mask, or None when the card turns it off or no lungs are found (then the whole
+        body is searched: better a false positive than a missed nodule)."""
+        if not self.settings.lung_mask:
+            return None
+        mask = lung_mask(volume)
+        if not mask.any():
+            log.warning("no lungs found in series %s: searching the whole body", volume.series_instance_uid)
+            return None
+        return mask
 
 
 def configure_for_inference(detector, settings: InferenceSettings):

@@ -55,6 +55,10 @@ class InferenceSettings(BaseModel):
     detections_per_image: int
     body_threshold_hu: float
     body_margin_mm: float
+    # Lung mask: crop the input to the lungs (plus a margin) and drop detections outside them.
+    lung_mask: bool = True
+    lung_margin_mm: float = 15.0
+    lung_tolerance_mm: float = 5.0
 
 
 class ModelCard(BaseModel):

@@ -116,7 +116,8 @@ def build_cache(cache_root: Path, seeds: list[int], mix: PhantomMix, inf: Infere
     The cache folder is keyed by the phantom and preprocessing settings, so changing either never
     reuses stale images.
     """
-    key = hashlib.sha1(json.dumps([asdict(mix), inf.model_dump(mode="json")], sort_keys=True).encode()).hexdigest()
+    preprocessing = inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm"})
+    key = hashlib.sha1(json.dumps([asdict(mix), preprocessing], sort_keys=True).encode()).hexdigest()
     cache_dir = cache_root / key[:12]
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cache_dir, seed, mix.for_seed(seed), inf) for seed in seeds]
