@@ -118,7 +118,7 @@ def build_network(cfg: NetConfig, use_list_output: bool = False) -> RetinaNet:
     ``use_list_output=True`` makes the network return [cls per level..., box per level...], the
     form exported to ONNX and accepted by RetinaNetDetector.
     """
-    return RetinaNet(
+    net = RetinaNet(
         spatial_dims=3,
         num_classes=1,
         num_anchors=len(cfg.base_anchor_shapes),
@@ -126,6 +126,14 @@ def build_network(cfg: NetConfig, use_list_output: bool = False) -> RetinaNet:
         size_divisible=cfg.size_divisible,
         use_list_output=use_list_output,
     )
+    # MONAI initialises the head's hidden convs with std 0.01; under GroupNorm their biases then
+    # outgrow the tiny spatial signal within a few steps and the score map goes flat. He init keeps
+    # the image-dependent part dominant.
+    for head in (net.classification_head, net.regression_head):
+        for layer in head.conv:
+            if isinstance(layer, nn.Conv3d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
 
 def build_anchor_generator(cfg: NetConfig) -> AnchorGeneratorWithAnchorShape:

@@ -41,46 +41,53 @@ def match(detections: list[Detection], centers_mm: np.ndarray, diameters_mm: np.
 
 
 @dataclass
-class EvalResult:
-    scans: int
-    nodules: int
-    found: int
-    nodules_ge6: int
-    found_ge6: int
-    false_positives: int
-    seconds_per_scan: float
+class ScanResult:
+    """One evaluated phantom: its truth and everything the detector returned."""
 
-    def metrics(self) -> dict[str, float | int]:
+    centers_mm: np.ndarray
+    diameters_mm: np.ndarray
+    detections: list[Detection]
+    seconds: float
+
+    def match(self, threshold: float) -> ScanMatch:
+        return match([d for d in self.detections if d.score >= threshold], self.centers_mm, self.diameters_mm)
+
+
+@dataclass
+class EvalResult:
+    scans: list[ScanResult]
+
+    def metrics(self, threshold: float) -> dict[str, float | int]:
+        """Sensitivity (all, >= 6 mm) and false positives per scan for detections scoring >= threshold."""
+        matches = [s.match(threshold) for s in self.scans]
+        diam = np.array([d for m in matches for d in m.diameters_mm])
+        hits = np.array([h for m in matches for h in m.hits], dtype=bool)
+        n = max(1, len(self.scans))
         return {
-            "eval_scans": self.scans,
-            "eval_nodules": self.nodules,
-            "sensitivity": round(self.found / max(1, self.nodules), 4),
-            "eval_nodules_ge6mm": self.nodules_ge6,
-            "sensitivity_ge6mm": round(self.found_ge6 / max(1, self.nodules_ge6), 4),
-            "false_positives_per_scan": round(self.false_positives / max(1, self.scans), 3),
-            "seconds_per_scan": round(self.seconds_per_scan, 2),
+            "score_threshold": threshold,
+            "eval_scans": len(self.scans),
+            "eval_nodules": int(len(hits)),
+            "sensitivity": round(float(hits.mean()) if len(hits) else 0.0, 4),
+            "eval_nodules_ge6mm": int((diam >= 6).sum()),
+            "sensitivity_ge6mm": round(float(hits[diam >= 6].mean()) if (diam >= 6).any() else 0.0, 4),
+            "false_positives_per_scan": round(sum(m.false_positives for m in matches) / n, 3),
+            "seconds_per_scan": round(sum(s.seconds for s in self.scans) / n, 2),
         }
 
 
 def evaluate(detector: Detector, seeds: list[int], ps: PhantomSettings) -> EvalResult:
-    matches: list[ScanMatch] = []
-    seconds = 0.0
+    scans: list[ScanResult] = []
     for seed in tqdm(seeds, desc="evaluate", dynamic_ncols=True):
         volume, ph = phantom_volume(seed, ps)
         t0 = time.perf_counter()
         detections = detector.detect(volume)
-        seconds += time.perf_counter() - t0
-        m = match(detections, np.array([n.center_mm for n in ph.nodules]), np.array([n.diameter_mm for n in ph.nodules]))
+        scan = ScanResult(
+            centers_mm=np.array([n.center_mm for n in ph.nodules]).reshape(-1, 3),
+            diameters_mm=np.array([n.diameter_mm for n in ph.nodules]),
+            detections=detections,
+            seconds=time.perf_counter() - t0,
+        )
+        m = scan.match(detector.settings.score_threshold)
         log.info("phantom %d: %d/%d nodules found, %d false positives", seed, sum(m.hits), len(m.hits), m.false_positives)
-        matches.append(m)
-    diam = np.array([d for m in matches for d in m.diameters_mm])
-    hits = np.array([h for m in matches for h in m.hits], dtype=bool)
-    return EvalResult(
-        scans=len(matches),
-        nodules=len(hits),
-        found=int(hits.sum()),
-        nodules_ge6=int((diam >= 6).sum()),
-        found_ge6=int(hits[diam >= 6].sum()),
-        false_positives=sum(m.false_positives for m in matches),
-        seconds_per_scan=seconds / max(1, len(matches)),
-    )
+        scans.append(scan)
+    return EvalResult(scans)

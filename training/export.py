@@ -60,9 +60,17 @@ def anchor_shapes(cfg: NetConfig) -> list[list[float]]:
     return [[float(s * v) for v in shape] for s in cfg.feature_map_scales for shape in cfg.base_anchor_shapes]
 
 
-def export(checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int] | None, created: str | None = None) -> ModelCard:
+def export(
+    checkpoint: Path,
+    out: Path,
+    version: str,
+    eval_seeds: tuple[int, int] | None,
+    score_threshold: float | None = None,
+) -> ModelCard:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig.model_validate(ckpt["config"])
+    if score_threshold is not None:
+        cfg.inference.score_threshold = score_threshold
     net_cfg = NetConfig.from_dict(ckpt["net_config"])
     net = build_network(net_cfg, use_list_output=True)
     net.load_state_dict(ckpt["network"])
@@ -84,7 +92,7 @@ def export(checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int
     card = ModelCard(
         name=name,
         version=version,
-        created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         description="3D RetinaNet (MONAI) lung nodule detector trained on synthetic chest CT phantoms only",
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_file(onnx_path),
@@ -127,7 +135,12 @@ def export(checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int
         if overlap:
             raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
         result = evaluate(Detector(load_model(str(card_path))), list(range(eval_seeds[0], eval_seeds[1] + 1)), PhantomSettings())
-        card.metrics = result.metrics()
+        card.metrics = result.metrics(card.inference.score_threshold)
+        for t in sorted({0.3, 0.5, 0.7, 0.9} - {card.inference.score_threshold}):
+            if t > card.inference.score_threshold:
+                m = result.metrics(t)
+                print(f"at score >= {t}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
+                      f"FP/scan {m['false_positives_per_scan']}")
         card_path.write_text(card.model_dump_json(indent=2))
     out.with_suffix(".md").write_text(card_markdown(card))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")
@@ -169,7 +182,7 @@ performs clinically.
 
 
 def _run(args: argparse.Namespace) -> int:
-    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds))
+    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds), args.score_threshold)
     return 0
 
 
@@ -181,4 +194,5 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900000, 900019), metavar=("FIRST", "LAST"),
                    help="held-out phantom seeds evaluated into the card (inclusive)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument("--score-threshold", type=float, help="override the training config's score threshold")
     p.set_defaults(func=_run)

@@ -53,10 +53,10 @@ class MatcherConfig(BaseModel):
 
 
 class SamplerConfig(BaseModel):
-    batch_size_per_image: int = 64
+    batch_size_per_image: int = 256
     positive_fraction: float = 0.3
-    min_neg: int = 16
-    pool_size: float = 20
+    min_neg: int = 128
+    pool_size: float = 300
 
 
 class TrainConfig(BaseModel):
@@ -75,7 +75,9 @@ class TrainConfig(BaseModel):
     cache_processes: int = 2
     iterations: int
     max_minutes: float = 1e9
-    lr: float = 2e-3
+    optimizer: str = "adamw"  # or "sgd" (momentum, Nesterov)
+    lr: float = 1e-3
+    momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iterations: int = 100
     checkpoint_every: int = 100
@@ -105,6 +107,14 @@ class FitResult:
     losses: list[float]  # mean total loss per logged interval
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use sgd or adamw")
+
+
 def lr_factor(it: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 5 % over ``iterations``."""
     if it < cfg.warmup_iterations:
@@ -131,7 +141,7 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
     detector.set_target_keys(box_key="box", label_key="label")
     detector.set_atss_matcher(num_candidates=cfg.matcher.num_candidates, center_in_gt=cfg.matcher.center_in_gt)
     detector.set_hard_negative_sampler(**cfg.sampler.model_dump())
-    optimizer = torch.optim.AdamW(detector.network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(detector.network.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
 
     start_it, seconds_before = 0, 0.0

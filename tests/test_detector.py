@@ -1,0 +1,99 @@
+"""The shipped model, through the Detector, on a phantom it never saw: finds the nodules, in world mm."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from lungnode.inference.detector import Detector
+from lungnode.inference.types import Volume
+from lungnode.models.registry import ModelIntegrityError, ModelNotFoundError, load_model
+from lungnode.training.data import PhantomSettings, phantom_volume
+from lungnode.training.evaluate import match
+
+SEED = 424242  # not a training (1000-1239) or card evaluation (900000-900019) seed
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A default (512 x 512, 0.7 x 0.7 x 2.5 mm) phantom as a Volume built from its arrays."""
+    return phantom_volume(SEED, PhantomSettings())
+
+
+@pytest.fixture(scope="module")
+def ort_detections(spec, phantom):
+    return Detector(spec, backend="onnxruntime").detect(phantom[0])
+
+
+def _truth(ph):
+    return np.array([n.center_mm for n in ph.nodules]), np.array([n.diameter_mm for n in ph.nodules])
+
+
+def test_default_model_is_verified_and_named(spec):
+    assert spec.onnx_path.is_file() and spec.info.sha256 == spec.card.onnx_sha256
+    assert spec.info.name == spec.card.name and spec.info.version
+    assert spec.card.metrics["sensitivity_ge6mm"] > 0
+
+
+def test_missing_model_gives_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        load_model("no-such-model")
+
+
+def test_tampered_onnx_is_refused(spec, tmp_path):
+    card = tmp_path / f"{spec.card.name}.json"
+    shutil.copy(spec.onnx_path.with_suffix(".json"), card)
+    (tmp_path / spec.card.onnx_file).write_bytes(spec.onnx_path.read_bytes() + b"\0")
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        load_model(str(card))
+
+
+def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections):
+    volume, ph = phantom
+    centers, diameters = _truth(ph)
+    assert len(ph.nodules) >= 1
+    m = match(ort_detections, centers, diameters)
+    for hit, d in zip(m.hits, diameters):
+        if d >= 6:
+            assert hit, f"missed a {d} mm nodule: {ph.nodules} vs {ort_detections}"
+    assert m.false_positives <= 3, ort_detections
+    assert [d.score for d in ort_detections] == sorted((d.score for d in ort_detections), reverse=True)
+    for det in ort_detections:
+        lo, hi = np.array(det.box_mm[:3]), np.array(det.box_mm[3:])
+        assert np.all(lo <= det.center_mm) and np.all(np.array(det.center_mm) <= hi)
+        assert 2 <= det.diameter_mm <= 40
+
+
+def test_world_coordinates_do_not_depend_on_slice_order(phantom, ort_detections, spec):
+    """The same scan stored bottom-up (k reversed, direction z = -1) gives the same world positions."""
+    volume, _ = phantom
+    flipped = Volume(
+        hu=volume.hu[::-1].copy(),
+        spacing=volume.spacing,
+        origin=tuple(volume.index_to_world(np.array([0, 0, volume.hu.shape[0] - 1]))),
+        direction=np.diag([1.0, 1.0, -1.0]),
+        slices=[],
+        study_instance_uid="flipped",
+        series_instance_uid="flipped",
+    )
+    again = Detector(spec).detect(flipped)
+    strong = [d for d in ort_detections if d.score > 0.8]
+    for d in strong:
+        dist = min(np.linalg.norm(np.subtract(d.center_mm, e.center_mm)) for e in again)
+        assert dist < 3.0, (d, again)
+
+
+def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, ort_detections):
+    if spec.state_dict_path is None:
+        pytest.skip("the default model ships no PyTorch state dict")
+    torch_detections = Detector(spec, backend="torch").detect(phantom[0])
+    assert len(torch_detections) == len(ort_detections)
+    for a, b in zip(ort_detections, torch_detections):
+        assert abs(a.score - b.score) < 1e-3
+        assert np.allclose(a.box_mm, b.box_mm, atol=0.05)

@@ -1,0 +1,104 @@
+"""The detection network: builds without torchvision, exports to ONNX faithfully, and learns."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from lungnode.models.registry import InferenceSettings
+from lungnode.models.retinanet import NetConfig, build_network, count_parameters
+from lungnode.training.export import OPSET, export_onnx, max_abs_diff
+from lungnode.training.fit import TrainConfig, fit
+
+INFERENCE = InferenceSettings(
+    spacing_mm=(1.4, 1.4, 2.0),
+    window_hu=(-1024, 500),
+    patch_size=(48, 48, 32),
+    roi_size=(48, 48, 32),
+    overlap=0.25,
+    score_threshold=0.5,
+    nms_threshold=0.1,
+    topk_candidates_per_level=1000,
+    detections_per_image=50,
+    body_threshold_hu=-500,
+    body_margin_mm=10,
+)
+
+
+def test_network_builds_and_runs_without_torchvision():
+    code = (
+        "import sys, torch\n"
+        "from lungnode.models.retinanet import NetConfig, build_network, build_detector\n"
+        "cfg = NetConfig(); net = build_network(cfg); build_detector(cfg, net)\n"
+        "net.eval(); net(torch.rand(1, 1, 32, 32, 16))\n"
+        "print('torchvision' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_forward_shapes_and_size():
+    cfg = NetConfig()
+    net = build_network(cfg, use_list_output=True).eval()
+    assert 0.5e6 <= count_parameters(net) <= 3e6
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 96, 96, 64))
+    anchors = len(cfg.base_anchor_shapes)
+    # [cls at stride 4, cls at stride 8, box at stride 4, box at stride 8]
+    assert [tuple(o.shape) for o in out] == [
+        (2, anchors, 24, 24, 16),
+        (2, anchors, 12, 12, 8),
+        (2, anchors * 6, 24, 24, 16),
+        (2, anchors * 6, 12, 12, 8),
+    ]
+
+
+def test_onnx_export_matches_pytorch_on_another_input_size(tmp_path):
+    torch.manual_seed(0)
+    cfg = NetConfig()
+    net = build_network(cfg, use_list_output=True).eval()
+    path = tmp_path / "net.onnx"
+    export_onnx(net, path, (32, 32, 16), levels=len(cfg.returned_stages))
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version >= OPSET
+    assert max_abs_diff(net, path, (48, 40, 24)) < 1e-4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shapes = [o.shape for o in session.run(None, {"image": np.zeros((1, 1, 64, 48, 32), np.float32)})]
+    assert shapes[0] == (1, len(cfg.base_anchor_shapes), 16, 12, 8)
+
+
+def _tiny_config(tmp_path, iterations: int) -> TrainConfig:
+    return TrainConfig(
+        seed=3,
+        threads=2,
+        phantoms={"model_spacing_fraction": 1.0, "field_of_view_mm": (300, 300), "n_nodules": (3, 4),
+                  "diameter_range_mm": (8, 16)},
+        train_seeds=(5, 7),
+        cache_dir=tmp_path / "cache",
+        inference=INFERENCE,
+        batch_size=2,
+        workers=0,
+        cache_processes=1,
+        iterations=iterations,
+        lr=1e-3,
+        warmup_iterations=5,
+        checkpoint_every=20,
+        log_every=10,
+    )
+
+
+def test_short_training_run_lowers_the_loss_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    first = fit(_tiny_config(tmp_path, 40), out)
+    assert first.iterations == 40 and (out / "model.pt").is_file()
+    second = fit(_tiny_config(tmp_path, 80), out, resume=True)
+    assert second.iterations == 80
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == list(range(10, 81, 10))
+    losses = [r["loss"] for r in log]
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
