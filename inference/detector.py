@@ -157,7 +157,7 @@ class Detector:
             keep = inside_lungs(lungs, volume, np.array([d.center_mm for d in detections]),
                                 self.settings.lung_tolerance_mm)
             detections = [d for d, k in zip(detections, keep) if k]
-        return sorted(detections, key=lambda d: -d.score)
+        return drop_nested(sorted(detections, key=lambda d: -d.score))
 
     def _lungs(self, volume: Volume) -> np.ndarray | None:
         """The lung mask, or None when the card turns it off or no lungs are found (then the whole
@@ -169,6 +169,20 @@ class Detector:
             log.warning("no lungs found in series %s: searching the whole body", volume.series_instance_uid)
             return None
         return mask
+
+
+def drop_nested(detections: list[Detection]) -> list[Detection]:
+    """Drop a detection whose centre lies in the box of a higher-scoring one (score-sorted input).
+
+    IoU-based NMS keeps a small anchor's box nested in a large one (their IoU is tiny), which
+    would report one nodule twice.
+    """
+    kept: list[Detection] = []
+    for d in detections:
+        c = np.asarray(d.center_mm)
+        if not any(np.all(c >= k.box_mm[:3]) and np.all(c <= k.box_mm[3:]) for k in kept):
+            kept.append(d)
+    return kept
 
 
 def configure_for_inference(detector, settings: InferenceSettings):

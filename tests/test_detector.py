@@ -97,3 +97,13 @@ def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, ort_detec
     for a, b in zip(ort_detections, torch_detections):
         assert abs(a.score - b.score) < 1e-3
         assert np.allclose(a.box_mm, b.box_mm, atol=0.05)
+
+
+def test_a_box_nested_in_a_stronger_one_is_reported_once():
+    from lungnode.inference.detector import drop_nested
+    from lungnode.inference.types import Detection
+
+    big = Detection((0.0, 0.0, 0.0), (-10.0, -10.0, -10.0, 10.0, 10.0, 10.0), 20.0, 0.9)
+    nested = Detection((2.0, 1.0, 0.0), (0.0, -1.0, -2.0, 4.0, 3.0, 2.0), 4.0, 0.8)
+    elsewhere = Detection((40.0, 0.0, 0.0), (35.0, -5.0, -5.0, 45.0, 5.0, 5.0), 10.0, 0.7)
+    assert drop_nested([big, nested, elsewhere]) == [big, elsewhere]
