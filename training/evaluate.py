@@ -75,19 +75,20 @@ class EvalResult:
         }
 
 
-def evaluate(detector: Detector, seeds: list[int], ps: PhantomSettings) -> EvalResult:
+def evaluate(detector: Detector, seeds: list[int], ps: PhantomSettings, score_threshold: float | None = None) -> EvalResult:
+    """Detect on each phantom (at ``score_threshold``, default the card's) and keep truth + output."""
     scans: list[ScanResult] = []
     for seed in tqdm(seeds, desc="evaluate", dynamic_ncols=True):
         volume, ph = phantom_volume(seed, ps)
         t0 = time.perf_counter()
-        detections = detector.detect(volume)
+        detections = detector.detect(volume, score_threshold=score_threshold)
         scan = ScanResult(
             centers_mm=np.array([n.center_mm for n in ph.nodules]).reshape(-1, 3),
             diameters_mm=np.array([n.diameter_mm for n in ph.nodules]),
             detections=detections,
             seconds=time.perf_counter() - t0,
         )
-        m = scan.match(detector.settings.score_threshold)
+        m = scan.match(score_threshold if score_threshold is not None else detector.settings.score_threshold)
         log.info("phantom %d: %d/%d nodules found, %d false positives", seed, sum(m.hits), len(m.hits), m.false_positives)
         scans.append(scan)
     return EvalResult(scans)

@@ -24,6 +24,7 @@ from lungnode.training.fit import TrainConfig
 log = logging.getLogger(__name__)
 OPSET = 17
 MAX_ABS_DIFF = 1e-3
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)  # candidate score thresholds
 
 
 def export_onnx(net: torch.nn.Module, path: Path, example_size: tuple[int, int, int], levels: int) -> None:
@@ -66,6 +67,7 @@ def export(
     version: str,
     eval_seeds: tuple[int, int] | None,
     score_threshold: float | None = None,
+    max_fp_per_scan: float | None = None,
 ) -> ModelCard:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig.model_validate(ckpt["config"])
@@ -134,13 +136,24 @@ def export(
         overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
         if overlap:
             raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
-        result = evaluate(Detector(load_model(str(card_path))), list(range(eval_seeds[0], eval_seeds[1] + 1)), PhantomSettings())
+        # Detections at the lowest candidate threshold contain those at every higher one, so one
+        # pass gives the whole sweep.
+        lowest = min(card.inference.score_threshold, *SWEEP) if max_fp_per_scan is not None else card.inference.score_threshold
+        result = evaluate(
+            Detector(load_model(str(card_path))),
+            list(range(eval_seeds[0], eval_seeds[1] + 1)),
+            PhantomSettings(),
+            score_threshold=lowest,
+        )
+        for t in [t for t in SWEEP if t >= lowest]:
+            m = result.metrics(t)
+            print(f"score >= {t:.2f}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
+                  f"FP/scan {m['false_positives_per_scan']}")
+        if max_fp_per_scan is not None:
+            ok = [t for t in SWEEP if result.metrics(t)["false_positives_per_scan"] <= max_fp_per_scan]
+            card.inference.score_threshold = min(ok) if ok else max(SWEEP)
+            print(f"score threshold {card.inference.score_threshold} (at most {max_fp_per_scan} FP/scan)")
         card.metrics = result.metrics(card.inference.score_threshold)
-        for t in sorted({0.3, 0.5, 0.7, 0.9} - {card.inference.score_threshold}):
-            if t > card.inference.score_threshold:
-                m = result.metrics(t)
-                print(f"at score >= {t}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
-                      f"FP/scan {m['false_positives_per_scan']}")
         card_path.write_text(card.model_dump_json(indent=2))
     out.with_suffix(".md").write_text(card_markdown(card))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")
@@ -182,7 +195,7 @@ performs clinically.
 
 
 def _run(args: argparse.Namespace) -> int:
-    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds), args.score_threshold)
+    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds), args.score_threshold, args.max_fp_per_scan)
     return 0
 
 
@@ -195,4 +208,6 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="held-out phantom seeds evaluated into the card (inclusive)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     p.add_argument("--score-threshold", type=float, help="override the training config's score threshold")
+    p.add_argument("--max-fp-per-scan", type=float,
+                   help="set the card's score threshold to the lowest one with at most this many held-out FP/scan")
     p.set_defaults(func=_run)
