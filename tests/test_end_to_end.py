@@ -198,3 +198,27 @@ def test_study_without_a_readable_series_gets_a_not_processed_sr(pacs_and_node, 
     texts = [t.TextValue for t in content_items(srs[0], "TEXT")]
     assert any("not processed" in t.lower() and "slices" in t for t in texts), texts
     assert dciodvfy_errors(srs[0]) == []
+
+
+def test_rest_api_lists_studies_reruns_and_resends(pacs_and_node, tmp_path):
+    orthanc, node = pacs_and_node
+    phantom, files = phantom_study(tmp_path, 90005, "E2E-API")
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1", str(node.dicom_port),
+                    *map(str, files)], env=PEER_ENV, check=True, capture_output=True)
+    wait_done(node, study_uid)
+    import requests
+
+    listed = {s["study_uid"]: s for s in requests.get(f"{node.url}/api/studies", timeout=10).json()}
+    assert listed[study_uid]["patient_id"] == "E2E-API" and listed[study_uid]["state"] == "done"
+    assert requests.get(f"{node.url}/health", timeout=10).json()["status"] == "ok"
+
+    assert requests.post(f"{node.url}/api/studies/{study_uid}/resend", timeout=10).ok
+    wait_for(lambda: len(node.study(study_uid)["deliveries"]) == 2 and node.study(study_uid)["deliveries"][-1]["state"]
+             == "sent", 60, "the re-send")
+    assert len(result_objects(orthanc, study_uid)[0]) == 1, "a re-send stores the same objects again, no copy"
+
+    assert requests.post(f"{node.url}/api/studies/{study_uid}/rerun", timeout=10).ok
+    wait_done(node, study_uid, version=2)
+    wait_for(lambda: len(result_objects(orthanc, study_uid)[0]) == 1, 30, "the re-run to replace the SR")
+    assert requests.post(f"{node.url}/api/studies/1.2.3.4.5.999/rerun", timeout=10).status_code == 409
