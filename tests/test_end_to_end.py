@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import requests
 
 from lungnode.peers import PEER_ENV, NodeProcess, OrthancServer, free_port, wait_for
 from tests.conftest import lidc_series, need_tool
@@ -207,8 +208,6 @@ def test_rest_api_lists_studies_reruns_and_resends(pacs_and_node, tmp_path):
     subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1", str(node.dicom_port),
                     *map(str, files)], env=PEER_ENV, check=True, capture_output=True)
     wait_done(node, study_uid)
-    import requests
-
     listed = {s["study_uid"]: s for s in requests.get(f"{node.url}/api/studies", timeout=10).json()}
     assert listed[study_uid]["patient_id"] == "E2E-API" and listed[study_uid]["state"] == "done"
     assert requests.get(f"{node.url}/health", timeout=10).json()["status"] == "ok"
