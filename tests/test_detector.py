@@ -54,7 +54,7 @@ def test_tampered_onnx_is_refused(spec, tmp_path):
         load_model(str(card))
 
 
-def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections):
+def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections, spec):
     volume, ph = phantom
     centers, diameters = _truth(ph)
     assert len(ph.nodules) >= 1
@@ -62,8 +62,8 @@ def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections):
     for hit, d in zip(m.hits, diameters):
         if d >= 6:
             assert hit, f"missed a {d} mm nodule: {ph.nodules} vs {ort_detections}"
-    # The card reports 5.5 FP/scan on held-out phantoms at its threshold; more than 6 here is a regression.
-    assert m.false_positives <= 6, ort_detections
+    # Far more false positives than the card's held-out FP/scan at its threshold is a regression.
+    assert m.false_positives <= 1.5 * float(spec.card.metrics["false_positives_per_scan"]) + 1, ort_detections
     assert [d.score for d in ort_detections] == sorted((d.score for d in ort_detections), reverse=True)
     for det in ort_detections:
         lo, hi = np.array(det.box_mm[:3]), np.array(det.box_mm[3:])
