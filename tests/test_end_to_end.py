@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,12 @@ def sr_points(sr) -> list[np.ndarray]:
 
 def dciodvfy_errors(ds) -> list[str]:
     tool = need_tool("dciodvfy")
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    out = subprocess.run([tool, "/dev/stdin"], input=buf.getvalue(), capture_output=True)
-    return [ln for ln in out.stderr.decode(errors="replace").splitlines() if ln.startswith("Error")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "object.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    assert "Comprehensive3DSR" in out.stderr + out.stdout, out.stderr  # it recognised the IOD
+    return [ln for ln in (out.stderr + out.stdout).splitlines() if ln.startswith("Error")]
 
 
 @pytest.fixture(scope="module")
