@@ -92,7 +92,7 @@ def _tiny_config(tmp_path, iterations: int) -> TrainConfig:
     )
 
 
-def test_short_training_run_lowers_the_loss_and_resumes(tmp_path):
+def test_short_training_run_lowers_the_loss_resumes_and_fine_tunes(tmp_path):
     out = tmp_path / "run"
     first = fit(_tiny_config(tmp_path, 40), out)
     assert first.iterations == 40 and (out / "model.pt").is_file()
@@ -102,3 +102,9 @@ def test_short_training_run_lowers_the_loss_and_resumes(tmp_path):
     assert [r["iteration"] for r in log] == list(range(10, 81, 10))
     losses = [r["loss"] for r in log]
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    # Fine-tuning from the trained weights (a site retraining the shipped model) starts where it left off.
+    tuned_cfg = _tiny_config(tmp_path, 10)
+    tuned_cfg.init_weights = out / "model.pt"
+    fit(tuned_cfg, tmp_path / "tuned")
+    tuned = json.loads((tmp_path / "tuned" / "train_log.jsonl").read_text().splitlines()[0])
+    assert tuned["loss"] < 0.8 * losses[0], (tuned, losses[0])

@@ -84,6 +84,7 @@ class TrainConfig(BaseModel):
     log_every: int = 10
     matcher: MatcherConfig = MatcherConfig()
     sampler: SamplerConfig = SamplerConfig()
+    init_weights: Path | None = None  # a model .pt (e.g. the shipped model) to start from instead of random
 
     def net_config(self) -> NetConfig:
         return NetConfig.from_dict({**NetConfig().to_dict(), **self.network})
@@ -152,6 +153,10 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
         scheduler.load_state_dict(ckpt["scheduler"])
         start_it, seconds_before = ckpt["iteration"], ckpt["seconds"]
         log.info("resuming %s at iteration %d", out_dir, start_it)
+    elif cfg.init_weights is not None:
+        # Fine-tuning: a site retrains the shipped model on its own data rather than starting over.
+        detector.network.load_state_dict(torch.load(cfg.init_weights, map_location=device, weights_only=True))
+        log.info("starting from the weights in %s", cfg.init_weights)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (out_dir / "command.txt").write_text(command + "\n")
 
@@ -230,6 +235,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg.iterations = args.iterations
     if args.max_minutes is not None:
         cfg.max_minutes = args.max_minutes
+    if args.init_weights is not None:
+        cfg.init_weights = args.init_weights
     command = "lungnode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     fit(cfg, args.out, resume=args.resume, command=command)
     return 0
@@ -242,4 +249,6 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--iterations", type=int, help="override the config's iterations")
     p.add_argument("--max-minutes", type=float, help="override the config's time limit")
+    p.add_argument("--init-weights", type=Path, metavar="MODEL_PT",
+                   help="start from these network weights (fine-tune a shipped model, e.g. models/<name>.pt)")
     p.set_defaults(func=_run)
