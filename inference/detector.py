@@ -16,6 +16,7 @@ from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.types import Detection, Volume
+from lungnode.models import zoo_bundle
 from lungnode.models.registry import InferenceSettings, ModelSpec
 from lungnode.models.retinanet import NetConfig, build_detector, build_network
 
@@ -29,20 +30,44 @@ SCORE_KEY = LABEL_KEY + "_scores"
 class PreparedImage:
     """The network's view of a Volume: body crop, resampled to model spacing, windowed to 0..1.
 
-    ``image`` is (I, J, K); a model voxel coordinate ``m`` maps to source index
-    ``(m + 0.5) * scale - 0.5 + crop_start`` (the half-voxel terms are those of
+    ``image`` is (I, J, K) in the network's axes. For the shipped models these are the source
+    index axes; a network trained on RAS-oriented images (the MONAI zoo bundle) gets them permuted
+    and flipped (``axes``/``flipped``). A resampled voxel coordinate ``r`` (source axis order) maps
+    to source index ``(r + 0.5) * scale - 0.5 + crop_start`` (the half-voxel terms are those of
     ``F.interpolate(align_corners=False)``).
     """
 
     image: torch.Tensor
     crop_start: np.ndarray  # (i, j, k) source index of the crop's first voxel
     scale: np.ndarray  # source voxels per model voxel along (i, j, k)
+    axes: tuple[int, int, int] = (0, 1, 2)  # network axis a is source axis axes[a]
+    flipped: tuple[bool, bool, bool] = (False, False, False)  # per network axis
+
+    def _unflip(self, m: np.ndarray) -> np.ndarray:
+        size = np.array(self.image.shape[-3:], dtype=np.float64)
+        return np.where(self.flipped, size - 1 - m, m)
 
     def to_source_index(self, ijk: np.ndarray) -> np.ndarray:
-        return (np.asarray(ijk, dtype=np.float64) + 0.5) * self.scale - 0.5 + self.crop_start
+        m = self._unflip(np.asarray(ijk, dtype=np.float64))
+        r = np.empty_like(m)
+        r[..., list(self.axes)] = m
+        return (r + 0.5) * self.scale - 0.5 + self.crop_start
 
     def to_model_index(self, ijk: np.ndarray) -> np.ndarray:
-        return (np.asarray(ijk, dtype=np.float64) - self.crop_start + 0.5) / self.scale - 0.5
+        r = (np.asarray(ijk, dtype=np.float64) - self.crop_start + 0.5) / self.scale - 0.5
+        return self._unflip(r[..., list(self.axes)])
+
+
+def ras_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """Which source axis, and flipped or not, points to the patient's right, anterior, superior.
+
+    ``direction``'s columns are the LPS directions of the i, j, k axes; RAS negates x and y.
+    """
+    ras = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(direction, dtype=np.float64)
+    axes = tuple(int(np.argmax(np.abs(ras[w]))) for w in range(3))
+    if sorted(axes) != [0, 1, 2]:
+        raise ValueError(f"oblique volume orientation {direction.tolist()}: no axis-aligned RAS view")
+    return axes, tuple(bool(ras[w, a] < 0) for w, a in enumerate(axes))
 
 
 def body_bbox(hu_ijk: np.ndarray, spacing: np.ndarray, threshold_hu: float, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -66,11 +91,15 @@ def body_bbox(hu_ijk: np.ndarray, spacing: np.ndarray, threshold_hu: float, marg
 
 
 def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
-            region: tuple[np.ndarray, np.ndarray] | None = None) -> PreparedImage:
+            region: tuple[np.ndarray, np.ndarray] | None = None, ras: bool = False) -> PreparedImage:
     """Crop to `region` ((i, j, k) start, stop) or else the body, resample to the model spacing
-    (trilinear) and window to 0..1."""
+    (trilinear), window to 0..1, and with ``ras`` turn the axes to RAS (``settings.spacing_mm`` is
+    then per RAS axis)."""
     hu_ijk = np.transpose(volume.hu, (2, 1, 0))
     spacing = np.asarray(volume.spacing, dtype=np.float64)
+    axes, flipped = ras_axes(volume.direction) if ras else ((0, 1, 2), (False, False, False))
+    model_spacing = np.empty(3)
+    model_spacing[list(axes)] = settings.spacing_mm
     if region is not None:
         start, stop = region
     elif crop_body:
@@ -82,10 +111,14 @@ def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
     x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
     x = ((x.clamp_(lo, hi) - lo) / (hi - lo))[None, None]
     in_size = np.array(crop.shape)
-    out_size = np.maximum(1, np.round(in_size * spacing / np.asarray(settings.spacing_mm))).astype(int)
+    out_size = np.maximum(1, np.round(in_size * spacing / model_spacing)).astype(int)
     if np.any(out_size != in_size):
         x = F.interpolate(x, size=tuple(int(v) for v in out_size), mode="trilinear", align_corners=False)
-    return PreparedImage(image=x[0, 0], crop_start=start.astype(np.float64), scale=in_size / out_size)
+    x = x[0, 0].permute(*axes)
+    if any(flipped):
+        x = x.flip([a for a in range(3) if flipped[a]])
+    return PreparedImage(image=x.contiguous(), crop_start=start.astype(np.float64), scale=in_size / out_size,
+                         axes=axes, flipped=flipped)
 
 
 class OnnxNetwork(nn.Module):
@@ -118,7 +151,8 @@ class Detector:
     def __init__(self, spec: ModelSpec, backend: str = "onnxruntime", threads: int = 0) -> None:
         self.spec = spec
         self.settings = spec.card.inference
-        cfg = NetConfig.from_dict(spec.card.network)
+        zoo = zoo_bundle.is_zoo_network(spec.card.network)
+        self.ras = spec.card.network.get("image_axes") == "RAS"
         if backend == "onnxruntime":
             network: nn.Module = OnnxNetwork(str(spec.onnx_path), threads)
         elif backend == "torch":
@@ -126,11 +160,14 @@ class Detector:
                 raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for backend 'torch'")
             if threads > 0:
                 torch.set_num_threads(threads)
-            network = load_torch_network(cfg, spec.state_dict_path)
+            network = (zoo_bundle.load_zoo_network(spec.state_dict_path) if zoo else
+                       load_torch_network(NetConfig.from_dict(spec.card.network), spec.state_dict_path))
         else:
             raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'torch'")
         self.backend = backend
-        self._detector = configure_for_inference(build_detector(cfg, network), self.settings)
+        detector = (zoo_bundle.build_zoo_detector(network) if zoo else
+                    build_detector(NetConfig.from_dict(spec.card.network), network))
+        self._detector = configure_for_inference(detector, self.settings)
 
     def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
         """Nodule candidates in LPS mm, highest score first. `score_threshold` overrides the card's
@@ -140,7 +177,7 @@ class Detector:
         if lungs is not None:
             box = lung_bbox(lungs, volume, self.settings.lung_margin_mm)[::-1]  # (i, j, k)
             region = (np.array([s.start for s in box]), np.array([s.stop for s in box]))
-        prepared = prepare(volume, self.settings, region=region)
+        prepared = prepare(volume, self.settings, region=region, ras=self.ras)
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
         if score_threshold is not None:
@@ -202,8 +239,8 @@ def configure_for_inference(detector, settings: InferenceSettings):
 
 def to_detection(box: np.ndarray, score: float, prepared: PreparedImage, volume: Volume) -> Detection:
     """A model-voxel box (i0, j0, k0, i1, j1, k1) -> Detection in the Volume's LPS world frame."""
-    lo = prepared.to_source_index(box[:3])
-    hi = prepared.to_source_index(box[3:])
+    a, b = prepared.to_source_index(box[:3]), prepared.to_source_index(box[3:])
+    lo, hi = np.minimum(a, b), np.maximum(a, b)  # a flipped axis swaps the corners
     corners = np.array([[a[0], b[1], c[2]] for a in (lo, hi) for b in (lo, hi) for c in (lo, hi)])
     world = volume.index_to_world(corners)
     center = volume.index_to_world((lo + hi) / 2)

@@ -9,6 +9,7 @@ Tensors are (B, 1, I, J, K): the image axes are (i, j, k) so that boxes come out
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -146,20 +147,20 @@ class _NoTorchvisionMatcher:
     """Stands in for torchvision's Matcher, which MONAI type-checks against before trying ATSS."""
 
 
-def build_detector(cfg: NetConfig, network: nn.Module) -> RetinaNetDetector:
+def detector_around(network: nn.Module, anchor_generator: AnchorGeneratorWithAnchorShape,
+                    size_divisible: Sequence[int]) -> RetinaNetDetector:
     """MONAI's RetinaNetDetector (anchors, matching, losses, decoding, NMS) around ``network``.
 
     MONAI tests ``isinstance(matcher, torchvision Matcher)`` first; without torchvision that
     placeholder raises, so it is replaced by a class nothing is an instance of.
     """
     _monai_detector.Matcher = _NoTorchvisionMatcher
-    return RetinaNetDetector(
-        network,
-        build_anchor_generator(cfg),
-        spatial_dims=3,
-        num_classes=1,
-        size_divisible=cfg.size_divisible,
-    )
+    return RetinaNetDetector(network, anchor_generator, spatial_dims=3, num_classes=1,
+                             size_divisible=size_divisible)
+
+
+def build_detector(cfg: NetConfig, network: nn.Module) -> RetinaNetDetector:
+    return detector_around(network, build_anchor_generator(cfg), cfg.size_divisible)
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
@@ -25,6 +26,7 @@ from monai.networks.nets.resnet import ResNet, ResNetBottleneck
 from torch import nn
 
 from lungnode.models.registry import InferenceSettings
+from lungnode.models.retinanet import detector_around
 
 BUNDLE_NAME = "lung_nodule_ct_detection"
 PARAMETERS = 20_902_741  # measured on the real bundle; the build below must match it
@@ -124,6 +126,16 @@ def build_zoo_network(use_list_output: bool = True) -> RetinaNet:
 
 def build_zoo_anchor_generator() -> AnchorGeneratorWithAnchorShape:
     return AnchorGeneratorWithAnchorShape(feature_map_scales=FEATURE_MAP_SCALES, base_anchor_shapes=BASE_ANCHOR_SHAPES)
+
+
+def is_zoo_network(network: Mapping) -> bool:
+    """Whether a model card's ``network`` entry describes this architecture."""
+    return str(network.get("architecture", "")).startswith("monai-model-zoo/")
+
+
+def build_zoo_detector(network: nn.Module) -> RetinaNetDetector:
+    """MONAI's detector (the bundle's anchors) around the zoo network or its ONNX stand-in."""
+    return detector_around(network, build_zoo_anchor_generator(), SIZE_DIVISIBLE)
 
 
 def anchor_shapes_voxels() -> list[list[float]]:

@@ -7,6 +7,8 @@ key; the exported ONNX must compute what the loaded weights compute in PyTorch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import types
 
 import numpy as np
@@ -14,7 +16,9 @@ import pytest
 import torch
 
 from lungnode.models import bundle_import, zoo_bundle
-from lungnode.models.registry import load_model
+from lungnode.models.registry import ModelSpec, load_model
+from lungnode.inference.detector import Detector
+from lungnode.inference.types import Volume
 
 SMALL = (32, 32, 16)  # divisible by the bundle's size_divisible (16, 16, 8)
 
@@ -98,20 +102,28 @@ def test_same_keys_shapes_and_outputs_as_monais_own_builder(zoo_net, monkeypatch
         np.testing.assert_array_equal(a, b)
 
 
-def test_import_bundle_round_trip_to_onnx(zoo_net, tmp_path, capsys):
-    import onnxruntime as ort
-
+@pytest.fixture(scope="module")
+def imported(zoo_net, tmp_path_factory) -> tuple[str, str]:
+    """A site's bundle folder with zoo_net's weights, imported by the CLI: (card path, printed summary)."""
+    tmp_path = tmp_path_factory.mktemp("bundle")
     bundle = tmp_path / "lung_nodule_ct_detection"
     (bundle / "models").mkdir(parents=True)
     (bundle / "configs").mkdir()
     (bundle / "configs" / "metadata.json").write_text('{"version": "0.6.9"}')
     torch.save({"model": zoo_net.state_dict()}, bundle / "models" / "model.pt")  # CheckpointSaver's form
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run_cli(["models", "import-bundle", str(bundle / "models" / "model.pt"),
+                        "--out", str(tmp_path / "out"), "--name", "zoo"]) == 0
+    return str(tmp_path / "out" / "zoo.json"), printed.getvalue()
 
-    assert run_cli(["models", "import-bundle", str(bundle / "models" / "model.pt"), "--out", str(tmp_path / "out"),
-                    "--name", "zoo"]) == 0
-    assert "20,902,741 parameters" in capsys.readouterr().out
 
-    spec = load_model(str(tmp_path / "out" / "zoo.json"))  # card valid, sha256 of the files checked
+def test_import_bundle_round_trip_to_onnx(zoo_net, imported):
+    import onnxruntime as ort
+
+    card_path, printed = imported
+    assert "20,902,741 parameters" in printed
+    spec = load_model(card_path)  # card valid, sha256 of the files checked
     card = spec.card
     assert (card.name, card.version, card.parameters) == ("zoo", "0.6.9", 20_902_741)
     assert card.onnx_opset >= 17 and card.export_max_abs_diff < 1e-3
@@ -169,3 +181,32 @@ def test_files_that_are_not_state_dicts_are_refused(tmp_path):
         zoo_bundle.read_state_dict(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="models/model.pt"):
         bundle_import.resolve_weights(tmp_path)
+
+
+def _scan(hu: np.ndarray, direction: np.ndarray, origin) -> Volume:
+    return Volume(hu=hu, spacing=(0.703125, 0.703125, 1.25), origin=tuple(origin), direction=direction, slices=[],
+                  study_instance_uid="1.2.3", series_instance_uid="1.2.3.4")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_detector_feeds_the_bundle_ras_images_whatever_the_scan_orientation(imported, backend):
+    """The same patient stored LPS-first and mirrored (columns right-to-left, rows front-to-back) must
+    give the same findings in world mm: the zoo network sees RAS axes either way."""
+    spec = load_model(imported[0])
+    small = spec.card.inference.model_copy(update={"roi_size": (64, 64, 24), "lung_mask": False,
+                                                   "body_threshold_hu": -2000.0, "score_threshold": 0.0})
+    spec = ModelSpec(spec.info, spec.onnx_path, spec.card.model_copy(update={"inference": small}), spec.state_dict_path)
+    detector = Detector(spec, backend=backend)
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(-300, 300, (24, 64, 64)).astype(np.float32)  # (k, j, i)
+    lps = _scan(hu, np.eye(3), (-20.0, -30.0, -40.0))
+    far_corner = lps.index_to_world(np.array([63, 63, 0]))
+    mirrored = _scan(np.ascontiguousarray(hu[:, ::-1, ::-1]), np.diag([-1.0, -1.0, 1.0]), far_corner)
+
+    found = [detector.detect(v)[:20] for v in (lps, mirrored)]
+    assert len(found[0]) == 20
+    for a, b in zip(*found):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        np.testing.assert_allclose(a.center_mm, b.center_mm, atol=1e-3)
+        np.testing.assert_allclose(a.box_mm, b.box_mm, atol=1e-3)
