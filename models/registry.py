@@ -41,6 +41,9 @@ class DataInfo(BaseModel):
     train_seeds: list[int]  # [first, last] inclusive
     eval_phantoms: int
     eval_seeds: list[int]  # [first, last] inclusive
+    # Real scans seen in training (imported, or backgrounds for inserted nodules): their scores are
+    # training-set scores, never held-out ones.
+    train_scans: list[str] = []
 
 
 class InferenceSettings(BaseModel):

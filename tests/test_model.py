@@ -13,7 +13,10 @@ import torch
 from lungnode.models.registry import InferenceSettings
 from lungnode.models.retinanet import NetConfig, build_network, count_parameters
 from lungnode.training.export import OPSET, export_onnx, max_abs_diff
-from lungnode.training.fit import TrainConfig, fit
+from lungnode.inference.detector import prepare
+from lungnode.inference.volume import load_any
+from lungnode.training.fit import DatalistSource, TrainConfig, fit
+from lungnode.training.synth import make_phantom, write_dicom_series
 
 INFERENCE = InferenceSettings(
     spacing_mm=(1.4, 1.4, 2.0),
@@ -108,3 +111,32 @@ def test_short_training_run_lowers_the_loss_resumes_and_fine_tunes(tmp_path):
     fit(tuned_cfg, tmp_path / "tuned")
     tuned = json.loads((tmp_path / "tuned" / "train_log.jsonl").read_text().splitlines()[0])
     assert tuned["loss"] < 0.8 * losses[0], (tuned, losses[0])
+
+
+def test_training_on_a_datalist_of_dicom_series(tmp_path):
+    """A site's own labelled series (as `train import` writes them) are trained on with their boxes
+    placed where the nodules are, and the card-to-be names them as training scans."""
+    phantom = make_phantom(5, spacing=(1.6, 1.6, 2.5), field_of_view_mm=(358.0, 358.0, 200.0), n_nodules=(1, 1),
+                           diameter_range_mm=(10, 14))
+    (truth,) = phantom.nodules
+    series_dir = tmp_path / "series"
+    write_dicom_series(phantom, series_dir, patient_id="SITE-1", accession_number="A1")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{
+        "image": str(series_dir), "box": [[*truth.center_mm, *[truth.diameter_mm] * 3]], "label": [0],
+        "diameter_mm": [truth.diameter_mm]}]}))
+    cfg = _tiny_config(tmp_path, 10)
+    cfg.train_seeds, cfg.datalists = None, [DatalistSource(path=datalist, repeat=2)]
+    assert len(cfg.datalist_scans()) == 2 and cfg.real_scans() == [str(series_dir)]
+    fit(cfg, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and np.isfinite(log[0]["loss"])
+
+    (meta_path,) = (tmp_path / "cache").glob("scans-*/scan_*.json")
+    box = np.array(json.loads(meta_path.read_text())["boxes"][0])
+    volume = load_any(series_dir)
+    prepared = prepare(volume, INFERENCE)
+    center = volume.index_to_world(prepared.to_source_index((box[:3] + box[3:]) / 2))
+    assert np.linalg.norm(center - np.asarray(truth.center_mm)) < 1.5
+    size_mm = (box[3:] - box[:3]) * prepared.scale * np.asarray(volume.spacing)
+    np.testing.assert_allclose(size_mm, truth.diameter_mm, rtol=0.05)

@@ -1,8 +1,10 @@
-"""Training data: synthetic phantoms, prepared exactly like inference input, cut into random patches.
+"""Training data: synthetic phantoms and datalist scans, prepared exactly like inference input, cut
+into random patches.
 
 Each phantom is made once (``make_phantom``), pushed through the Detector's own ``prepare`` (body
 crop, resampling to model spacing, windowing) and cached as ``seed_<n>.npy`` (float16 image, I, J, K)
-+ ``seed_<n>.json`` (nodule boxes in model voxels). Patches are drawn from the cache by a RNG seeded
++ ``seed_<n>.json`` (nodule boxes in model voxels). A scan from a datalist (``lungnode train import``,
+``train synth --insert-into``) is cached the same way as ``scan_<hash>.npy``. Patches are drawn from the cache by a RNG seeded
 with (run seed, sample number), so a resumed run draws the same patches as an uninterrupted one.
 """
 from __future__ import annotations
@@ -85,13 +87,40 @@ def phantom_volume(seed: int, ps: PhantomSettings):
 
 def model_boxes(ph, volume: Volume, prepared: PreparedImage) -> np.ndarray:
     """Nodule boxes (i0, j0, k0, i1, j1, k1) in the prepared image's model voxels."""
-    boxes = []
-    for n in ph.nodules:
-        src = volume.world_to_index(np.asarray(n.center_mm))
-        center = prepared.to_model_index(src)
-        half = n.diameter_mm / 2.0 / (prepared.scale * np.asarray(volume.spacing))
-        boxes.append(np.concatenate([center - half, center + half]))
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, 6)
+    return world_boxes_to_model([[*n.center_mm, n.diameter_mm, n.diameter_mm, n.diameter_mm] for n in ph.nodules],
+                                volume, prepared)
+
+
+def world_boxes_to_model(boxes_cccwhd: list[list[float]], volume: Volume, prepared: PreparedImage) -> np.ndarray:
+    """World-mm boxes (centre x, y, z, size x, y, z) -> (i0, j0, k0, i1, j1, k1) model voxels,
+    via their 8 corners, so any scan orientation gives the box that encloses the nodule."""
+    out = []
+    for b in boxes_cccwhd:
+        c, half = np.asarray(b[:3], np.float64), np.asarray(b[3:6], np.float64) / 2
+        corners = np.array([c + half * (2 * np.array(s) - 1) for s in np.ndindex(2, 2, 2)])
+        m = prepared.to_model_index(volume.world_to_index(corners))
+        out.append(np.concatenate([m.min(0), m.max(0)]))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 6)
+
+
+def cache_scan(cache_dir: Path, image: Path, boxes_cccwhd: list[list[float]], inf: InferenceSettings) -> Path:
+    """Load, prepare and store one datalist scan unless already cached (keyed by path, labels, file
+    size and time); returns its image path."""
+    from lungnode.inference.volume import load_any
+
+    stat = image.stat()
+    key = hashlib.sha1(json.dumps([str(image.resolve()), boxes_cccwhd, stat.st_size, stat.st_mtime_ns]).encode())
+    img_path = cache_dir / f"scan_{key.hexdigest()[:16]}.npy"
+    if not img_path.is_file():
+        volume = load_any(image)
+        prepared = prepare(volume, inf)
+        meta = {"image": str(image), "series_uid": volume.series_instance_uid,
+                "boxes": world_boxes_to_model(boxes_cccwhd, volume, prepared).tolist()}
+        img_path.with_suffix(".json").write_text(json.dumps(meta))
+        tmp = img_path.with_name(img_path.stem + ".tmp.npy")
+        np.save(tmp, prepared.image.numpy().astype(np.float16))
+        tmp.rename(img_path)
+    return img_path
 
 
 def cache_phantom(cache_dir: Path, seed: int, ps: PhantomSettings, inf: InferenceSettings) -> Path:
@@ -110,14 +139,25 @@ def cache_phantom(cache_dir: Path, seed: int, ps: PhantomSettings, inf: Inferenc
     return img_path
 
 
+def _preprocessing(inf: InferenceSettings) -> dict:
+    return inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm"})
+
+
+def build_scan_cache(cache_root: Path, scans: list[tuple[Path, list[list[float]]]], inf: InferenceSettings) -> list[Path]:
+    """The prepared datalist scans ((image, boxes) pairs), under a folder keyed by the preprocessing."""
+    key = hashlib.sha1(json.dumps(_preprocessing(inf), sort_keys=True).encode()).hexdigest()
+    cache_dir = cache_root / f"scans-{key[:12]}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return [cache_scan(cache_dir, image, boxes, inf) for image, boxes in tqdm(scans, desc="scans", dynamic_ncols=True)]
+
+
 def build_cache(cache_root: Path, seeds: list[int], mix: PhantomMix, inf: InferenceSettings, processes: int = 1) -> list[Path]:
     """The prepared phantoms for ``seeds`` (made where missing, ``processes`` at a time).
 
     The cache folder is keyed by the phantom and preprocessing settings, so changing either never
     reuses stale images.
     """
-    preprocessing = inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm"})
-    key = hashlib.sha1(json.dumps([asdict(mix), preprocessing], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([asdict(mix), _preprocessing(inf)], sort_keys=True).encode()).hexdigest()
     cache_dir = cache_root / key[:12]
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cache_dir, seed, mix.for_seed(seed), inf) for seed in seeds]

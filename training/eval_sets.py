@@ -13,6 +13,7 @@ import pydicom
 from lungnode.inference.types import Volume
 from lungnode.inference.volume import load_any
 from lungnode.training.froc import Annotation, load_luna16_csv
+from lungnode.training.importers.datalist import image_path
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ def datalist_scans(path: Path, section: str) -> list[EvalScan]:
         raise ValueError(f"{path} has no {section!r} section (it has {', '.join(data)})")
     scans = []
     for n, item in enumerate(data[section]):
-        image = Path(item["image"])
-        image = image if image.is_absolute() else Path(path).parent / image
+        image = image_path(path, item["image"])
         uid = item.get("series_uid") or f"{image.name}-{n}"
         diameters = item.get("diameter_mm")
         nodules = [Annotation(uid, tuple(b[:3]), float(diameters[i]) if diameters else float(max(b[3:6])))

@@ -95,7 +95,8 @@ def export(
         name=name,
         version=version,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        description="3D RetinaNet (MONAI) lung nodule detector trained on synthetic chest CT phantoms only",
+        description="3D RetinaNet (MONAI) lung nodule detector trained on synthetic chest CT phantoms"
+        + (f" and {len(cfg.datalists)} datalist(s) of real scans" if cfg.datalists else " only"),
         onnx_file=onnx_path.name,
         onnx_sha256=sha256_file(onnx_path),
         onnx_opset=OPSET,
@@ -120,9 +121,10 @@ def export(
             f"nodules of {cfg.phantoms.diameter_range_mm[0]}-{cfg.phantoms.diameter_range_mm[1]} mm; "
             "evaluation: make_phantom's defaults (0.7 x 0.7 x 2.5 mm, 512 x 512, 1-4 nodules of 4-25 mm)",
             train_phantoms=len(cfg.seeds()),
-            train_seeds=list(cfg.train_seeds),
+            train_seeds=list(cfg.train_seeds or []),
             eval_phantoms=0 if eval_seeds is None else eval_seeds[1] - eval_seeds[0] + 1,
             eval_seeds=[] if eval_seeds is None else list(eval_seeds),
+            train_scans=cfg.real_scans(),
         ),
         metrics={},
         export_max_abs_diff=diff,
@@ -166,7 +168,7 @@ def card_markdown(card: ModelCard) -> str:
     metrics = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items()) or "| (not evaluated) | |"
     return f"""# {card.name} (version {card.version})
 
-{card.description}. **Not a medical device; never trained or tuned on patient data.**
+{card.description}. **Not a medical device.**
 
 - Created: {card.created}
 - Network: MONAI RetinaNet, small 3D ResNet + FPN backbone, {card.parameters:,} parameters; ONNX opset {card.onnx_opset}
@@ -177,6 +179,7 @@ def card_markdown(card: ModelCard) -> str:
 - Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
 - Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
 - Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
+- Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
 - Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
 
 ## Held-out phantoms (seeds {card.data.eval_seeds})

@@ -1,4 +1,6 @@
-"""`lungnode train fit`: train the RetinaNet on synthetic phantoms, resumable, with a loss log.
+"""`lungnode train fit`: train the RetinaNet on synthetic phantoms and/or datalists (scans imported by
+`lungnode train import`, real scans with inserted nodules from `train synth --insert-into`), resumable,
+with a loss log.
 
 Writes into ``--out``: ``config.yaml`` (as used), ``checkpoint.pt`` (network, optimiser, schedule,
 iteration; for ``--resume``), ``model.pt`` (network state dict only, for export and the torch
@@ -25,7 +27,8 @@ from tqdm import tqdm
 
 from lungnode.models.registry import InferenceSettings
 from lungnode.models.retinanet import NetConfig, build_detector, build_network
-from lungnode.training.data import PatchDataset, PatchSettings, PhantomMix, build_cache, collate
+from lungnode.training.data import PatchDataset, PatchSettings, PhantomMix, build_cache, build_scan_cache, collate
+from lungnode.training.importers.datalist import image_path, read_datalist
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,14 @@ class PhantomConfig(BaseModel):
     field_of_view_mm: tuple[float, float] = (330.0, 400.0)
     n_nodules: tuple[int, int] = (1, 5)
     diameter_range_mm: tuple[float, float] = (4.0, 25.0)
+
+
+class DatalistSource(BaseModel):
+    """Scans of one datalist section; ``repeat`` > 1 draws them that many times as often."""
+
+    path: Path
+    section: str = "training"
+    repeat: int = 1
 
 
 class PatchConfig(BaseModel):
@@ -65,8 +76,9 @@ class TrainConfig(BaseModel):
     seed: int
     threads: int = 2
     network: dict = {}
-    phantoms: PhantomConfig
-    train_seeds: tuple[int, int]
+    phantoms: PhantomConfig = PhantomConfig()
+    train_seeds: tuple[int, int] | None = None  # phantom seeds, inclusive; None: datalists only
+    datalists: list[DatalistSource] = []
     cache_dir: Path
     inference: InferenceSettings
     patches: PatchConfig = PatchConfig()
@@ -93,7 +105,26 @@ class TrainConfig(BaseModel):
         return PhantomMix(model_spacing_mm=self.inference.spacing_mm, **self.phantoms.model_dump())
 
     def seeds(self) -> list[int]:
-        return list(range(self.train_seeds[0], self.train_seeds[1] + 1))
+        return [] if self.train_seeds is None else list(range(self.train_seeds[0], self.train_seeds[1] + 1))
+
+    def datalist_scans(self) -> list[tuple[Path, list[list[float]]]]:
+        """(image, nodule boxes) of every datalist item, each listed ``repeat`` times."""
+        scans = []
+        for src in self.datalists:
+            items = getattr(read_datalist(src.path), src.section)
+            if not items:
+                raise ValueError(f"{src.path} has no items in its {src.section!r} section")
+            scans += [(image_path(src.path, it.image), it.box) for it in items] * src.repeat
+        return scans
+
+    def real_scans(self) -> list[str]:
+        """The real series behind the datalist items (an inserted scan's background, else the image)."""
+        names = []
+        for src in self.datalists:
+            for it in getattr(read_datalist(src.path), src.section):
+                extra = it.model_extra or {}
+                names.append(extra.get("source_series") or it.series_uid or it.image)
+        return sorted(set(names))
 
 
 def load_config(path: Path) -> TrainConfig:
@@ -160,8 +191,12 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (out_dir / "command.txt").write_text(command + "\n")
 
-    log.info("preparing %d training phantoms in %s", len(cfg.seeds()), cfg.cache_dir)
+    scans = cfg.datalist_scans()
+    if not scans and not cfg.seeds():
+        raise ValueError("nothing to train on: set train_seeds (phantoms) and/or datalists")
+    log.info("preparing %d training phantoms and %d datalist scans in %s", len(cfg.seeds()), len(scans), cfg.cache_dir)
     paths = build_cache(Path(cfg.cache_dir), cfg.seeds(), cfg.phantom_mix(), cfg.inference, cfg.cache_processes)
+    paths += build_scan_cache(Path(cfg.cache_dir), scans, cfg.inference)
     dataset = PatchDataset(
         paths,
         PatchSettings(patch_size=cfg.inference.patch_size, **cfg.patches.model_dump()),
@@ -237,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg.max_minutes = args.max_minutes
     if args.init_weights is not None:
         cfg.init_weights = args.init_weights
+    cfg.datalists += [DatalistSource(path=p) for p in args.datalist or []]
     command = "lungnode " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     fit(cfg, args.out, resume=args.resume, command=command)
     return 0
@@ -249,6 +285,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--iterations", type=int, help="override the config's iterations")
     p.add_argument("--max-minutes", type=float, help="override the config's time limit")
+    p.add_argument("--datalist", type=Path, action="append", metavar="JSON",
+                   help="also train on this datalist's 'training' section (repeatable; see `train import`)")
     p.add_argument("--init-weights", type=Path, metavar="MODEL_PT",
                    help="start from these network weights (fine-tune a shipped model, e.g. models/<name>.pt)")
     p.set_defaults(func=_run)

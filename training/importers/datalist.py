@@ -131,6 +131,12 @@ def read_datalist(path: Path) -> Datalist:
     return Datalist.model_validate_json(Path(path).read_text())
 
 
+def image_path(datalist_path: Path, image: str) -> Path:
+    """An item's image: relative paths are relative to the datalist file's folder."""
+    p = Path(image)
+    return p if p.is_absolute() else Path(datalist_path).parent / p
+
+
 def split_of(group: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """The section for a patient (or series) by a seeded hash, so a scan keeps its split when others
     are added later, and all scans of one patient land together."""
