@@ -18,7 +18,14 @@ install: $(STAMP)
 run: install
 	$(BIN)/lungnode serve
 
-test: install
+# The FHIR test server (Medplum's FHIR engine, tests/fhir_server): from npm when npm is here; its tests
+# skip with the reason otherwise.
+FHIR_SERVER := tests/fhir_server/node_modules/.installed
+$(FHIR_SERVER): tests/fhir_server/package.json
+	@if command -v npm >/dev/null; then npm install --prefix tests/fhir_server --no-audit --no-fund -s && touch $@; \
+	else echo "npm not found: the FHIR delivery tests will be skipped"; fi
+
+test: install $(FHIR_SERVER)
 	$(BIN)/python -m pytest
 
 demo: install
@@ -30,4 +37,4 @@ bench: install
 	$(BIN)/python -m lungnode.bench
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) var tests/fhir_server/node_modules

@@ -34,6 +34,7 @@ CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE TABLE IF NOT EXISTS deliveries(
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   study_uid TEXT NOT NULL, version INTEGER NOT NULL, destination TEXT NOT NULL, path TEXT NOT NULL,
+  kind TEXT NOT NULL DEFAULT 'dicom',
   state TEXT NOT NULL DEFAULT 'pending',
   attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL, last_error TEXT,
   created REAL NOT NULL, sent_at REAL
@@ -44,6 +45,8 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
 RECEIVING, QUEUED, PROCESSING, DONE, NOT_PROCESSED, FAILED = (
     "receiving", "queued", "processing", "done", "not_processed", "failed")
 PENDING, SENT, SUPERSEDED = "pending", "sent", "superseded"
+# Delivery kinds: DICOM objects by C-STORE to the PACS, an HL7 ORU over MLLP or a FHIR Bundle to the RIS.
+DICOM, HL7, FHIR = "dicom", "hl7", "fhir"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class Delivery:
     id: int
     study_uid: str
     version: int
-    destination: str
+    destination: str  # human-readable: "AET@host:port", "HL7 host:port", "FHIR <base URL>"
+    kind: str  # DICOM, HL7 or FHIR
     path: Path
     state: str
     attempts: int
@@ -120,6 +124,9 @@ class JobDB:
             # NORMAL in WAL mode survives a process crash; after a power cut `reconcile` re-indexes files.
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
+            columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(deliveries)")}
+            if "kind" not in columns:  # a database from before RIS delivery: all its rows went to the PACS
+                self._conn.execute(f"ALTER TABLE deliveries ADD COLUMN kind TEXT NOT NULL DEFAULT '{DICOM}'")
 
     def close(self) -> None:
         with self._lock:
@@ -232,15 +239,15 @@ class JobDB:
         return [Study(**dict(r)) for r in rows]
 
     # --- outbox --------------------------------------------------------------------------------
-    def add_delivery(self, study_uid: str, version: int, destination: str, path: Path) -> int:
+    def add_delivery(self, study_uid: str, version: int, destination: str, path: Path, kind: str = DICOM) -> int:
         """Queue results for a destination; older undelivered versions for it are superseded."""
         now = time.time()
         with self._tx() as c:
             c.execute("UPDATE deliveries SET state=? WHERE study_uid=? AND destination=? AND state=?",
                       (SUPERSEDED, study_uid, destination, PENDING))
             cur = c.execute(
-                "INSERT INTO deliveries(study_uid, version, destination, path, next_attempt, created) "
-                "VALUES(?,?,?,?,?,?)", (study_uid, version, destination, str(path), now, now))
+                "INSERT INTO deliveries(study_uid, version, destination, kind, path, next_attempt, created) "
+                "VALUES(?,?,?,?,?,?,?)", (study_uid, version, destination, kind, str(path), now, now))
             return int(cur.lastrowid)
 
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
@@ -283,7 +290,7 @@ class JobDB:
 def _delivery(row: sqlite3.Row) -> Delivery:
     d = dict(row)
     return Delivery(id=d["id"], study_uid=d["study_uid"], version=d["version"], destination=d["destination"],
-                    path=Path(d["path"]), state=d["state"], attempts=d["attempts"],
+                    kind=d["kind"], path=Path(d["path"]), state=d["state"], attempts=d["attempts"],
                     next_attempt=d["next_attempt"], last_error=d["last_error"])
 
 

@@ -1,51 +1,187 @@
-"""REST API of a running node (studies, their state and findings, re-run and re-send)."""
+"""REST API of a running node (studies, their state and findings, images, re-run and re-send), the
+reading-room page and /metrics, all on the one HTTP port."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Query, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from lungnode import __version__
+from lungnode.dicom_node.db import PENDING, Delivery, Study
+from lungnode.inference.types import DetectionResult
+from lungnode.metrics import job_metrics
 from lungnode.node import Node
-from lungnode.pipeline import results_dir_for
+from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, key_image_png
+from lungnode.web.pages import add_pages
+from lungnode.web.results import key_image_files, load_result, version_dir
+
+PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    ae_title: str
+    dicom_port: int
+    model: str | None
+    pending_deliveries: int
+
+
+@dataclass(frozen=True)
+class StudySummary(Study):
+    """A study as the worklist shows it: the job state and how many result deliveries still wait."""
+
+    pending_deliveries: int
+
+
+class DeliveryOut(BaseModel):
+    """One queued or finished delivery of a results version to one destination."""
+
+    id: int
+    version: int
+    destination: str
+    kind: str | None  # 'dicom' | 'hl7' | 'fhir' where the node records it
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    path: str
+
+
+class KeyImage(BaseModel):
+    number: int
+    url: str
+    thumbnail_url: str
+
+
+@dataclass(frozen=True)
+class StudyDetail(StudySummary):
+    """A study with its latest results (result.json), key images and deliveries."""
+
+    result: DetectionResult | None
+    deliveries: list[DeliveryOut]
+    key_images: list[KeyImage]
+
+
+class Viewer(BaseModel):
+    """The processed series as the slice viewer needs it; slices are fetched as PNG one by one."""
+
+    version: int
+    series_uid: str
+    slices: int
+    rows: int
+    columns: int
+    spacing_mm: tuple[float, float, float]
+    nodules: list[NoduleMark]
+
+
+class Queued(BaseModel):
+    queued: bool
+
+
+def delivery_out(d: Delivery) -> DeliveryOut:
+    return DeliveryOut(id=d.id, version=d.version, destination=d.destination, kind=getattr(d, "kind", None),
+                       state=d.state, attempts=d.attempts, next_attempt=d.next_attempt, last_error=d.last_error,
+                       path=str(d.path))
 
 
 def create_app(node: Node) -> FastAPI:
     app = FastAPI(title="lungnode", version=__version__,
-                  description="AI lung-nodule detection beside the PACS: studies received, results sent.")
+                  description="AI lung-nodule detection beside the PACS: studies received, results sent. "
+                              "The reading-room page is at /, Prometheus metrics at /metrics.")
+    views = SeriesViews()
+    registry = job_metrics(node.settings.db_path)
+    results_root = node.settings.results_dir
 
-    @app.get("/health")
+    def study_or_404(study_uid: str) -> Study:
+        s = node.db.study(study_uid)
+        if s is None:
+            raise HTTPException(404, f"no study {study_uid}")
+        return s
+
+    def summary(s: Study, deliveries: list[Delivery]) -> dict:
+        return {**asdict(s), "pending_deliveries": sum(d.state == PENDING for d in deliveries)}
+
+    def series_view(study_uid: str) -> SeriesView:
+        s = study_or_404(study_uid)
+        result = load_result(version_dir(results_root, study_uid, s.version))
+        if result is None or result.series_instance_uid is None or result.not_processed_reason:
+            raise HTTPException(404, "no processed series for this study")
+        try:
+            return views.get(study_uid, s.version, node.db.instance_paths(study_uid), result.series_instance_uid,
+                             result.detections)
+        except FileNotFoundError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
+    @app.get("/health", summary="Liveness, identity and the delivery backlog", response_model=Health)
     def health() -> dict:
         return {"status": "ok", "version": __version__, "ae_title": node.settings.ae_title,
                 "dicom_port": node.settings.dicom_port, "model": node.detector.spec.info.name
                 if node.detector else None, "pending_deliveries": node.db.pending_count()}
 
-    @app.get("/api/studies")
+    @app.get("/api/studies", summary="Every study the node has seen, newest first",
+             response_model=list[StudySummary])
     def studies() -> list[dict]:
-        return [asdict(s) for s in node.db.studies()]
+        return [summary(s, node.db.deliveries(s.study_uid)) for s in node.db.studies()]
 
-    @app.get("/api/studies/{study_uid}")
+    @app.get("/api/studies/{study_uid}", summary="One study: state, latest results, key images, deliveries",
+             response_model=StudyDetail)
     def study(study_uid: str) -> dict:
-        s = node.db.study(study_uid)
-        if s is None:
-            raise HTTPException(404, f"no study {study_uid}")
-        out = asdict(s)
-        result_json = results_dir_for(node.settings.results_dir, study_uid, s.version) / "result.json"
-        out["result"] = json.loads(result_json.read_text()) if s.version and result_json.exists() else None
-        out["deliveries"] = [{**asdict(d), "path": str(d.path)} for d in node.db.deliveries(study_uid)]
-        return out
+        s = study_or_404(study_uid)
+        deliveries = node.db.deliveries(study_uid)
+        directory = version_dir(results_root, study_uid, s.version)
+        base = f"/api/studies/{study_uid}/key-images"
+        return {**summary(s, deliveries), "result": load_result(directory),
+                "deliveries": [delivery_out(d) for d in deliveries],
+                "key_images": [KeyImage(number=n, url=f"{base}/{n}", thumbnail_url=f"{base}/{n}?size=256")
+                               for n in sorted(key_image_files(directory))]}
 
-    @app.post("/api/studies/{study_uid}/rerun")
+    @app.get("/api/studies/{study_uid}/key-images/{number}", summary="Key image of nodule N<number> as PNG",
+             response_class=Response, responses=PNG)
+    def key_image(study_uid: str, number: int, size: int | None = Query(None, ge=32, le=2048)) -> Response:
+        s = study_or_404(study_uid)
+        path = key_image_files(version_dir(results_root, study_uid, s.version)).get(number)
+        if path is None:
+            raise HTTPException(404, f"no key image N{number} in the latest results")
+        return Response(key_image_png(path, size), media_type="image/png")
+
+    @app.get("/api/studies/{study_uid}/viewer", summary="The processed series and nodule boxes for the viewer",
+             response_model=Viewer)
+    def viewer(study_uid: str) -> dict:
+        view = series_view(study_uid)
+        k, rows, columns = view.grey.shape
+        return {"version": node.db.study(study_uid).version, "series_uid": view.series_uid, "slices": k,
+                "rows": rows, "columns": columns, "spacing_mm": view.spacing_mm, "nodules": view.nodules}
+
+    @app.get("/api/studies/{study_uid}/slices/{k}", summary="Slice k (0-based) of the processed series, "
+             "lung window, as PNG", response_class=Response, responses=PNG)
+    def slice_png(study_uid: str, k: int) -> Response:
+        view = series_view(study_uid)
+        if not 0 <= k < view.grey.shape[0]:
+            raise HTTPException(404, f"slice {k} is outside 0..{view.grey.shape[0] - 1}")
+        return Response(view.slice_png(k), media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    @app.post("/api/studies/{study_uid}/rerun", summary="Process the study again (new results replace the old)",
+              response_model=Queued, responses={409: {"description": "unknown study, or being processed now"}})
     def rerun(study_uid: str) -> dict:
         if not node.rerun(study_uid):
             raise HTTPException(409, "unknown study, or it is being processed right now")
         return {"queued": True}
 
-    @app.post("/api/studies/{study_uid}/resend")
+    @app.post("/api/studies/{study_uid}/resend", summary="Send the latest results to every destination again",
+              response_model=Queued, responses={409: {"description": "no results yet, or no destination configured"}})
     def resend(study_uid: str) -> dict:
         if not node.resend(study_uid):
-            raise HTTPException(409, "no results to send, or no PACS configured (LUNGNODE_PACS)")
+            raise HTTPException(409, "no results to send, or no destination configured "
+                                 "(LUNGNODE_PACS, LUNGNODE_RIS_HL7, LUNGNODE_FHIR_URL)")
         return {"queued": True}
 
+    @app.get("/metrics", summary="Prometheus metrics, read from the job database at each scrape",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_pages(app, node)
     return app

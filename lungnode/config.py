@@ -20,6 +20,7 @@ from pydantic_settings import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "lungnode.yaml"
 _AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_HOST_PORT_RE = re.compile(r"^(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
 
 
 class DicomPeer(BaseModel):
@@ -38,6 +39,23 @@ class DicomPeer(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class HostPort(BaseModel):
+    """A TCP endpoint written `host:port` (the RIS's HL7 MLLP listener)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "HostPort":
+        m = _HOST_PORT_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"expected host:port (for example ris.hospital.lan:2575), got {text!r}")
+        return cls(host=m["host"], port=int(m["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):
@@ -67,6 +85,15 @@ class Settings(BaseSettings):
     send_retry_first_seconds: float = 5.0
     send_retry_max_seconds: float = 600.0
     poll_seconds: float = 0.5
+    # Reports to the RIS, off unless set: HL7 v2.5.1 ORU^R01 over MLLP and/or a FHIR R4 transaction.
+    ris_hl7: Annotated[HostPort | None, NoDecode] = None
+    hl7_sending_application: str = "LUNGNODE"  # MSH-3
+    hl7_sending_facility: str = "RADIOLOGY"  # MSH-4
+    hl7_receiving_application: str = "RIS"  # MSH-5
+    hl7_receiving_facility: str = "RADIOLOGY"  # MSH-6
+    fhir_url: str | None = None
+    fhir_patient_system: str = "urn:lungnode:patient-id"  # Identifier.system of the DICOM Patient ID
+    ris_timeout_seconds: float = 30.0
 
     @field_validator("ae_title")
     @classmethod
@@ -94,7 +121,14 @@ class Settings(BaseSettings):
             return DicomPeer.parse(v)
         return v
 
-    @field_validator("orthanc_url", mode="before")
+    @field_validator("ris_hl7", mode="before")
+    @classmethod
+    def _parse_ris_hl7(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        return HostPort.parse(v) if isinstance(v, str) else v
+
+    @field_validator("orthanc_url", "fhir_url", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -139,4 +173,5 @@ def dump_yaml(settings: Settings) -> str:
     """The effective settings, for `lungnode config`."""
     data = settings.model_dump(mode="json")
     data["pacs"] = str(settings.pacs) if settings.pacs else None
+    data["ris_hl7"] = str(settings.ris_hl7) if settings.ris_hl7 else None
     return yaml.safe_dump(data, sort_keys=False)

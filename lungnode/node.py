@@ -1,31 +1,54 @@
 """The running node: DICOM listener, study completion, the processing worker and the delivery queue,
-each a thread around the one job database."""
+each a thread around the one job database.
+
+Results go to every configured destination, each its own row in the outbox: the PACS (DICOM
+C-STORE), the RIS by HL7 ORU over MLLP, and a FHIR server; one that is down does not hold up the others."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 
 from lungnode.config import Settings
 from lungnode.dicom_node.completion import CompletionMonitor
-from lungnode.dicom_node.db import DONE, NOT_PROCESSED, Delivery, JobDB
+from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB
 from lungnode.dicom_node.reconcile import reconcile
 from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
 from lungnode.inference.detector import Detector
 from lungnode.inference.series_selection import SelectionRules
 from lungnode.models.registry import load_model
-from lungnode.pipeline import process_study, results_dir_for
+from lungnode.pipeline import FHIR_FILE, ORU_FILE, process_study, results_dir_for
+from lungnode.reports.fhir_send import post_bundle
+from lungnode.reports.hl7_oru import MessageParties
+from lungnode.reports.mllp_send import send_hl7
 from lungnode.reports.send import SendError, delete_series_from_orthanc, send_files
 
 log = logging.getLogger(__name__)
+_PAYLOAD = {HL7: ORU_FILE, FHIR: FHIR_FILE}  # the file each RIS delivery sends
 
 
 def result_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.dcm"))
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A configured place results go to: its kind and the name the outbox (and the web page) shows."""
+
+    kind: str
+    name: str
+
+
+def destinations(s: Settings) -> list[Destination]:
+    out = [Destination(DICOM, str(s.pacs))] if s.pacs else []
+    out += [Destination(HL7, f"HL7 {s.ris_hl7}")] if s.ris_hl7 else []
+    out += [Destination(FHIR, f"FHIR {s.fhir_url}")] if s.fhir_url else []
+    return out
 
 
 class Node:
@@ -39,6 +62,7 @@ class Node:
         self.completion = CompletionMonitor(self.db, settings.stable_seconds, settings.poll_seconds, self._stop)
         self._threads: list[threading.Thread] = []
         self.detector: Detector | None = None
+        self.destinations = destinations(settings)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,8 +104,10 @@ class Node:
     def _process(self, study_uid: str, version: int) -> None:
         s = self.settings
         rules = SelectionRules(s.min_slices, s.max_slice_spacing_mm, s.max_pixel_spacing_mm)
+        parties = MessageParties(s.hl7_sending_application, s.hl7_sending_facility, s.hl7_receiving_application,
+                                 s.hl7_receiving_facility)
         outcome = process_study(study_uid, self.db.instance_paths(study_uid), version, self.detector, rules,
-                                s.results_dir)
+                                s.results_dir, parties=parties, fhir_patient_system=s.fhir_patient_system)
         r = outcome.result
         state = NOT_PROCESSED if r.not_processed_reason else DONE
         done = self.db.finish(study_uid, state, reason=r.not_processed_reason, series_uid=r.series_instance_uid,
@@ -91,8 +117,15 @@ class Node:
             log.info("study %s received more images while processing: results v%d dropped, will re-run",
                      study_uid, version)
             return
-        if s.pacs is not None:
-            self.db.add_delivery(study_uid, version, str(s.pacs), outcome.results_dir)
+        self._queue(study_uid, version, outcome.results_dir)
+
+    def _queue(self, study_uid: str, version: int, path: Path) -> int:
+        """One delivery per configured destination. Results made before RIS delivery existed have no
+        oru.hl7 / fhir.json: those go to the PACS only. Returns the number queued."""
+        queued = [d for d in self.destinations if d.kind == DICOM or (path / _PAYLOAD[d.kind]).exists()]
+        for d in queued:
+            self.db.add_delivery(study_uid, version, d.name, path, d.kind)
+        return len(queued)
 
     # --- delivery --------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -105,10 +138,10 @@ class Node:
 
     def _deliver(self, d: Delivery) -> None:
         s = self.settings
-        if s.pacs is None or str(s.pacs) != d.destination:
+        if Destination(d.kind, d.destination) not in self.destinations:
             return  # destination no longer configured: keep it queued, untouched
         try:
-            n = send_files(s.pacs, result_files(d.path), s.ae_title)
+            what = self._send(d)
         except (SendError, OSError, ValueError) as exc:
             delay = min(s.send_retry_first_seconds * 2 ** d.attempts, s.send_retry_max_seconds)
             self.db.delivery_failed(d.id, str(exc), time.time() + delay)
@@ -116,9 +149,21 @@ class Node:
                         d.study_uid, d.version, d.destination, d.attempts + 1, delay, exc)
             return
         self.db.delivery_sent(d.id)
-        log.info("study %s v%d: %d result object(s) stored in %s", d.study_uid, d.version, n, d.destination)
-        if s.orthanc_url:
+        log.info("study %s v%d: %s delivered to %s", d.study_uid, d.version, what, d.destination)
+        if d.kind == DICOM and s.orthanc_url:
             self._remove_superseded(d)
+
+    def _send(self, d: Delivery) -> str:
+        """Send one delivery by its kind, exactly the files made when the study was processed; raises on
+        failure. Returns what was delivered, for the log."""
+        s = self.settings
+        if d.kind == HL7:
+            send_hl7(s.ris_hl7, (d.path / ORU_FILE).read_bytes().decode("utf-8"), s.ris_timeout_seconds)
+            return "HL7 ORU^R01 (acknowledged)"
+        if d.kind == FHIR:
+            post_bundle(s.fhir_url, (d.path / FHIR_FILE).read_bytes(), s.ris_timeout_seconds)
+            return "FHIR transaction"
+        return f"{send_files(s.pacs, result_files(d.path), s.ae_title)} result object(s)"
 
     def _remove_superseded(self, d: Delivery) -> None:
         old_series = set()
@@ -139,9 +184,9 @@ class Node:
         return ok
 
     def resend(self, study_uid: str) -> bool:
+        """Queue the latest results again for every configured destination."""
         study = self.db.study(study_uid)
-        if study is None or study.version == 0 or self.settings.pacs is None:
+        if study is None or study.version == 0:
             return False
-        path = results_dir_for(self.settings.results_dir, study_uid, study.version)
-        self.db.add_delivery(study_uid, study.version, str(self.settings.pacs), path)
-        return True
+        return self._queue(study_uid, study.version,
+                           results_dir_for(self.settings.results_dir, study_uid, study.version)) > 0

@@ -1,7 +1,9 @@
 """The report stage's one entry point: a DetectionResult -> DICOM objects for the same study.
 
-Each run gets new series (an SR series and a key-image series) whose number and description carry
-``version``, so a PACS lists the newest results of a re-processed study last and labelled as such.
+Each run gets new series (SR, key images, presentation state, key object selection) whose number
+and description carry ``version``, so a PACS lists the newest results of a re-processed study last
+and labelled as such. The presentation state and the KOS exist only when something was found (a KOS
+must flag at least one object, and flagging a study without findings would mislead; see kos.py).
 """
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import highdicom as hd
 import pydicom
 
 from lungnode.inference.types import DetectionResult, Volume
+from lungnode.reports.gsps import build_gsps
 from lungnode.reports.key_images import build_key_image
+from lungnode.reports.kos import build_kos
+from lungnode.reports.source_refs import findings_of
 from lungnode.reports.sr import build_sr
 
 SERIES_NUMBER_BASE = 9000  # high, so AI series sort after the acquired ones
@@ -23,6 +28,14 @@ def key_image_series_number(version: int) -> int:
     return SERIES_NUMBER_BASE + 10 * version + 1
 
 
+def gsps_series_number(version: int) -> int:
+    return SERIES_NUMBER_BASE + 10 * version + 2
+
+
+def kos_series_number(version: int) -> int:
+    return SERIES_NUMBER_BASE + 10 * version + 3
+
+
 def build_results(
     result: DetectionResult,
     volume: Volume | None,
@@ -32,7 +45,8 @@ def build_results(
     manufacturer: str = "lungnode",
     institution: str | None = None,
 ) -> list[pydicom.Dataset]:
-    """The SR first, then one key image per detection (in detection order), all in ``source``'s study.
+    """The SR first, then one key image per detection (in detection order), then the presentation state
+    and the key object selection (only with detections), all in ``source``'s study.
 
     ``source`` is a header of the processed series (any instance of the study when nothing was
     processed); ``volume`` is None only when ``result.not_processed_reason`` is set.
@@ -48,34 +62,58 @@ def build_results(
     if volume is not None and volume.study_instance_uid != source.StudyInstanceUID:
         raise ValueError("volume and source belong to different studies")
 
+    has_findings = result.not_processed_reason is None and bool(result.detections) and volume is not None
+    findings = findings_of(volume, result.detections) if has_findings else []
+    common = {"manufacturer": manufacturer, "institution": institution}
     sr = build_sr(
         result,
         volume,
         source,
+        findings,
         series_instance_uid=hd.UID(),
         series_number=sr_series_number(version),
         series_description=f"lungnode AI nodules v{version}",
-        manufacturer=manufacturer,
-        institution=institution,
+        **common,
     )
-    outputs: list[pydicom.Dataset] = [sr]
-    if result.not_processed_reason is not None or not result.detections or volume is None:
-        return outputs
+    if not has_findings:
+        return [sr]
     key_series_uid = hd.UID()
-    for number, detection in enumerate(result.detections, start=1):
-        outputs.append(
-            build_key_image(
-                volume,
-                detection,
-                number,
-                source,
-                series_instance_uid=key_series_uid,
-                series_number=key_image_series_number(version),
-                series_description=f"lungnode AI key images v{version}",
-                manufacturer=manufacturer,
-                model_name=result.model.name,
-                software_version=result.model.version,
-                institution=institution,
-            )
+    key_images = [
+        build_key_image(
+            volume,
+            finding.detection,
+            finding.number,
+            source,
+            series_instance_uid=key_series_uid,
+            series_number=key_image_series_number(version),
+            series_description=f"lungnode AI key images v{version}",
+            model_name=result.model.name,
+            software_version=result.model.version,
+            **common,
         )
-    return outputs
+        for finding in findings
+    ]
+    gsps = build_gsps(
+        findings,
+        volume,
+        source,
+        result.model,
+        series_instance_uid=hd.UID(),
+        series_number=gsps_series_number(version),
+        series_description=f"lungnode AI nodule marks v{version}",
+        **common,
+    )
+    kos = build_kos(
+        findings,
+        volume,
+        source,
+        result.model,
+        sr=sr,
+        gsps=gsps,
+        key_images=key_images,
+        series_instance_uid=hd.UID(),
+        series_number=kos_series_number(version),
+        series_description=f"lungnode AI key objects v{version}",
+        **common,
+    )
+    return [sr, *key_images, gsps, kos]

@@ -1,13 +1,18 @@
 """TID 1500 measurement report (Comprehensive 3D SR) for one DetectionResult.
 
-One TID 1411 volumetric measurement group per nodule carries what a PACS or a follow-up tool needs
-to find it again: tracking id, the centre as a 3D point in the CT frame of reference, the slice it
-lies on, diameter and detection confidence. Studies without nodules, and studies that could not be
-read, still get a report so the radiologist knows the AI looked (or why it did not).
+Per nodule two measurement groups with the same tracking identifier and UID (also those of the
+presentation state's marks), as TID 1500 allows for one finding described twice:
+- TID 1411 volumetric: the centre as a 3D point in the CT frame of reference (SCOORD3D), the slice it
+  lies on, diameter and detection confidence - what a follow-up tool or importer needs;
+- TID 1501: the diameter INFERRED FROM a 2D circle (SCOORD, TID 320) on the source slice through the
+  centre - what viewers that only draw image coordinates (most PACS, OHIF) can show. TID 1411 takes
+  one ROI kind only and highdicom (after TID 1419) refuses coordinates on its measurements, and a 2D
+  TID 1410 group would be a second ROI of the same finding that 3D consumers cannot place.
+Both name the algorithm (TID 4019). The document is UNVERIFIED: no person has signed it. Studies
+without nodules, and studies that could not be read, still get a report so the radiologist knows the
+AI looked (or why it did not).
 """
 from __future__ import annotations
-
-from copy import deepcopy
 
 import highdicom as hd
 import numpy as np
@@ -16,19 +21,14 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from lungnode.inference.types import Detection, DetectionResult, ModelInfo, SliceRef, Volume
-from lungnode.reports.key_images import centre_slice_index
+from lungnode.inference.types import DetectionResult, ModelInfo, Volume
+from lungnode.reports.source_refs import Finding, series_headers, source_header
 
 CHEST_CT = hd.sr.CodedConcept("24627-2", "LN", "Chest CT")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 # "Certainty of Finding" (DCM 111012): the detector's confidence that the finding is real, in 0..1.
 # Not "Probability of cancer": the model detects nodules, it does not grade malignancy.
 DETECTION_CONFIDENCE = codes.DCM.CertaintyOfFinding
-# Type 2 patient/study attributes highdicom reads from the source; a missing one becomes empty.
-_TYPE2_HEADER = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-)
 
 
 def device_observer_uid(model: ModelInfo, manufacturer: str) -> str:
@@ -40,6 +40,7 @@ def build_sr(
     result: DetectionResult,
     volume: Volume | None,
     source: Dataset,
+    findings: list[Finding],
     *,
     series_instance_uid: str,
     series_number: int,
@@ -47,9 +48,9 @@ def build_sr(
     manufacturer: str,
     institution: str | None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR for a result: findings, "no nodules found", or "not processed: <reason>"."""
-    header = _source_header(source)
-    context = _observation_context(result.model, manufacturer)
+    """The SR for a result: ``findings`` (from `findings_of`), "no nodules found", or "not processed: <reason>"."""
+    header = source_header(source)
+    context = hd.sr.ObservationContext(observer_device_context=observer_device(result.model, manufacturer))
     evidence = [header]
     if result.not_processed_reason is not None:
         content = _statement_report(context, f"Not processed: {result.not_processed_reason}")
@@ -71,16 +72,15 @@ def build_sr(
             parameters=[f"sha256:{result.model.sha256}"],
             manufacturer=manufacturer,
         )
-        groups = [
-            _nodule_group(number, detection, volume, frame_of_reference, algorithm)
-            for number, detection in enumerate(result.detections, start=1)
-        ]
+        columns = int(source.Columns)
+        groups = [group for finding in findings
+                  for group in _nodule_groups(finding, frame_of_reference, algorithm, columns)]
         content = hd.sr.MeasurementReport(
             observation_context=context,
             procedure_reported=CHEST_CT,
             imaging_measurements=groups,
         )
-        evidence += [_slice_evidence(volume, ref) for ref in volume.slices]
+        evidence += series_headers(volume, source)
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content[0],
@@ -99,33 +99,53 @@ def build_sr(
     )
 
 
-def _nodule_group(
-    number: int,
-    detection: Detection,
-    volume: Volume,
+def _nodule_groups(
+    finding: Finding,
     frame_of_reference: str,
     algorithm: hd.sr.AlgorithmIdentification,
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    ref = volume.slices[centre_slice_index(volume, detection.center_mm)]
+    columns: int,
+) -> tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations, hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The finding in 3D (centre point) and on its centre slice (circle), linked by tracking UID."""
+    ref, detection = finding.slice, finding.detection
+    frames = [ref.frame_number] if ref.frame_number is not None else None
+    about = {
+        "finding_category": codes.SCT.MorphologicallyAbnormalStructure,
+        "finding_type": codes.SCT.Nodule,
+        "finding_sites": [hd.sr.FindingSite(codes.SCT.Lung)],
+        "algorithm_id": algorithm,
+    }
     centre = hd.sr.VolumeSurface(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=np.array([detection.center_mm], dtype=np.float64),
         frame_of_reference_uid=frame_of_reference,
-        source_images=[hd.sr.SourceImageForSegmentation(ref.sop_class_uid, ref.sop_instance_uid)],
+        source_images=[hd.sr.SourceImageForSegmentation(ref.sop_class_uid, ref.sop_instance_uid, frames)],
     )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"N{number}"),
+    volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding),
         referenced_volume_surface=centre,
-        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
-        finding_type=codes.SCT.Nodule,
-        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
-        algorithm_id=algorithm,
         geometric_purpose=codes.DCM.Center,
         measurements=[
             hd.sr.Measurement(codes.SCT.Diameter, detection.diameter_mm, unit=codes.UCUM.Millimeter),
             hd.sr.Measurement(DETECTION_CONFIDENCE, detection.score, unit=codes.UCUM.NoUnits),
         ],
+        **about,
     )
+    circle = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
+        graphic_data=finding.circle(columns),
+        source_image=hd.sr.SourceImageForRegion(ref.sop_class_uid, ref.sop_instance_uid, frames),
+    )
+    on_slice = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding),
+        measurements=[hd.sr.Measurement(codes.SCT.Diameter, detection.diameter_mm, unit=codes.UCUM.Millimeter,
+                                        referenced_coordinates=[circle])],
+        **about,
+    )
+    return volumetric, on_slice
+
+
+def _tracking(finding: Finding) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id)
 
 
 def _statement_report(
@@ -165,34 +185,12 @@ def _statement_report(
     return hd.sr.ContentSequence([root], is_root=True)
 
 
-def _observation_context(model: ModelInfo, manufacturer: str) -> hd.sr.ObservationContext:
+def observer_device(model: ModelInfo, manufacturer: str) -> hd.sr.ObserverContext:
+    """The algorithm as the observer (TID 1004): who made the SR's and the KOS's content."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_observer_uid(model, manufacturer),
         name=f"{model.name} {model.version}",
         manufacturer_name=manufacturer,
         model_name=model.name,
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
-    )
-
-
-def _source_header(source: Dataset) -> Dataset:
-    """A copy of the source header that has every attribute highdicom copies (empty if unknown)."""
-    header = deepcopy(source)
-    for keyword in _TYPE2_HEADER:
-        if keyword not in header:
-            setattr(header, keyword, "")
-    return header
-
-
-def _slice_evidence(volume: Volume, ref: SliceRef) -> Dataset:
-    """Minimal evidence item for one CT slice: every slice of the series was read by the model."""
-    item = Dataset()
-    item.StudyInstanceUID = volume.study_instance_uid
-    item.SeriesInstanceUID = volume.series_instance_uid
-    item.SOPClassUID = ref.sop_class_uid
-    item.SOPInstanceUID = ref.sop_instance_uid
-    return item
+    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)

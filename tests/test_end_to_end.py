@@ -1,5 +1,6 @@
 """The whole path with real parts: a real Orthanc routes a CT study to a real `lungnode serve` process,
-which sends SR + key images back into the same Orthanc study."""
+which sends SR, key images, the presentation state with the AI marks and the KOS back into the same
+Orthanc study."""
 from __future__ import annotations
 
 import io
@@ -17,6 +18,12 @@ from tests.conftest import lidc_series, need_tool
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
+KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+# What dciodvfy prints first when it recognised the IOD of each result class.
+IOD_NAMES = {SR_CLASS: "Comprehensive3DSR", GSPS_CLASS: "GrayscaleSoftcopyPresentationState",
+             KOS_CLASS: "KeyObjectSelectionDocument", **{c: "SCImage" for c in SC_CLASSES}}
 
 
 def content_items(ds, value_type: str):
@@ -37,7 +44,7 @@ def dciodvfy_errors(ds) -> list[str]:
         path = Path(tmp) / "object.dcm"
         ds.save_as(path, enforce_file_format=True)
         out = subprocess.run([tool, str(path)], capture_output=True, text=True)
-    assert "Comprehensive3DSR" in out.stderr + out.stdout, out.stderr  # it recognised the IOD
+    assert IOD_NAMES[ds.SOPClassUID] in out.stderr + out.stdout, out.stderr  # it recognised the IOD
     return [ln for ln in (out.stderr + out.stdout).splitlines() if ln.startswith("Error")]
 
 
@@ -76,16 +83,76 @@ def wait_done(node: NodeProcess, study_uid: str, version: int = 1, timeout: floa
     return node.study(study_uid)
 
 
-def result_objects(orthanc: OrthancServer, study_uid: str) -> tuple[list, list]:
-    srs, scs = [], []
+def objects_by_class(orthanc: OrthancServer, study_uid: str) -> dict[str, list]:
+    """Every instance of the Orthanc study, parsed, by SOP class."""
+    found: dict[str, list] = {}
     for series in orthanc.series_of_study(study_uid):
         for raw in orthanc.instance_files(series):
             ds = pydicom.dcmread(io.BytesIO(raw))
-            if ds.SOPClassUID == SR_CLASS:
-                srs.append(ds)
-            elif ds.SOPClassUID in SC_CLASSES:
-                scs.append(ds)
-    return srs, scs
+            found.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return found
+
+
+def result_objects(orthanc: OrthancServer, study_uid: str) -> tuple[list, list]:
+    found = objects_by_class(orthanc, study_uid)
+    return found.get(SR_CLASS, []), [ds for c in sorted(SC_CLASSES) for ds in found.get(c, [])]
+
+
+def result_counts(orthanc: OrthancServer, study_uid: str) -> tuple[int, int, int]:
+    """How many SRs, presentation states and KOS the study holds (a replaced run leaves one each)."""
+    found = objects_by_class(orthanc, study_uid)
+    return tuple(len(found.get(c, [])) for c in (SR_CLASS, GSPS_CLASS, KOS_CLASS))
+
+
+def sr_centres_by_tracking_uid(sr) -> dict[str, np.ndarray]:
+    """The 3D centre of each SR finding (TID 1411 group), keyed by its tracking UID."""
+    centres = {}
+    for group in content_items(sr, "CONTAINER"):
+        items = group.get("ContentSequence", [])
+        uid = next((i.UID for i in items if i.ValueType == "UIDREF"), None)
+        point = next((i for i in items if i.ValueType == "SCOORD3D" and i.GraphicType == "POINT"), None)
+        if uid and point is not None:
+            centres[uid] = np.array(point.GraphicData, dtype=float)
+    return centres
+
+
+def pixel_to_world(image, column: float, row: float) -> np.ndarray:
+    """DICOM image coordinates (pixel centres at +0.5) on a single-frame image -> LPS mm."""
+    orientation = np.array(image.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
+    return (np.array(image.ImagePositionPatient, dtype=float) + (column - 0.5) * column_spacing * orientation[:3]
+            + (row - 0.5) * row_spacing * orientation[3:])
+
+
+def assert_marks_on_found_nodules(phantom, sr, gsps, cts: list, slice_mm: float) -> None:
+    """Each presentation-state circle lies on a source image in the PACS that passes through its SR
+    finding's centre (z within half a slice), and every phantom nodule the SR found has a circle whose
+    centre, taken back to world coordinates through that image's own geometry, is inside the nodule."""
+    images = {ct.SOPInstanceUID: ct for ct in cts}
+    centres = sr_centres_by_tracking_uid(sr)
+    marks = []
+    for annotation in gsps.GraphicAnnotationSequence:
+        (ref,) = annotation.ReferencedImageSequence
+        image = images[ref.ReferencedSOPInstanceUID]  # KeyError: the mark is not on a CT image of the study
+        (circle,) = annotation.GraphicObjectSequence
+        centre = centres[circle.TrackingUID]
+        assert abs(float(image.ImagePositionPatient[2]) - centre[2]) <= slice_mm / 2 + 1e-3
+        column, row = circle.GraphicData[:2]
+        marks.append(pixel_to_world(image, column, row))
+    assert len(marks) == len(centres)
+    for nodule in phantom.nodules:
+        if min(np.linalg.norm(p - np.array(nodule.center_mm)) for p in centres.values()) < nodule.diameter_mm / 2:
+            distance = min(np.linalg.norm(m - np.array(nodule.center_mm)) for m in marks)
+            assert distance < nodule.diameter_mm / 2, f"no mark inside the found nodule at {nodule.center_mm}"
+
+
+def assert_kos_flags_objects_of_the_study(kos, found: dict[str, list]) -> None:
+    in_study = {ds.SOPInstanceUID for objects in found.values() for ds in objects}
+    referenced = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(kos, "IMAGE")]
+    referenced += [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(kos, "COMPOSITE")]
+    assert referenced and set(referenced) <= in_study, "the KOS flags objects that are in the PACS study"
+    (gsps,) = found[GSPS_CLASS]
+    assert gsps.SOPInstanceUID in referenced and found[SR_CLASS][0].SOPInstanceUID in referenced
 
 
 def assert_finds(phantom, sr) -> None:
@@ -103,7 +170,7 @@ def assert_finds(phantom, sr) -> None:
     assert sum(found) >= max(1, (len(found) + 1) // 2), f"{sum(found)}/{len(found)} nodules found; SR points {points}"
 
 
-def test_orthanc_routed_phantom_study_comes_back_with_sr_and_key_images(pacs_and_node, tmp_path):
+def test_orthanc_routed_phantom_study_comes_back_with_sr_key_images_and_marks(pacs_and_node, tmp_path):
     orthanc, node = pacs_and_node
     phantom, files = phantom_study(tmp_path, 90001, "E2E-ORTHANC")
     (study_id,) = orthanc.upload(files)
@@ -111,13 +178,20 @@ def test_orthanc_routed_phantom_study_comes_back_with_sr_and_key_images(pacs_and
     orthanc.send_to_modality("lungnode", study_id)  # what the PACS routing rule does
     state = wait_done(node, study_uid)
     assert state["state"] == "done", state
+    found = objects_by_class(orthanc, study_uid)
     srs, scs = result_objects(orthanc, study_uid)
     assert len(srs) == 1, "one SR in the same Orthanc study"
     sr = srs[0]
     assert sr.StudyInstanceUID == study_uid and sr.PatientID == "E2E-ORTHANC" and sr.AccessionNumber == "ACC-90001"
     assert_finds(phantom, sr)
     assert len(scs) == len(sr_points(sr)) >= 1, "one key image per finding"
-    assert dciodvfy_errors(sr) == []
+    assert len(found[GSPS_CLASS]) == len(found[KOS_CLASS]) == 1, "one presentation state and one KOS"
+    (gsps,), (kos,) = found[GSPS_CLASS], found[KOS_CLASS]
+    assert gsps.PatientID == kos.PatientID == "E2E-ORTHANC"
+    assert_marks_on_found_nodules(phantom, sr, gsps, found[CT_CLASS], slice_mm=phantom.spacing[2])
+    assert_kos_flags_objects_of_the_study(kos, found)
+    for ds in (sr, gsps, kos, scs[0]):
+        assert dciodvfy_errors(ds) == [], ds.Modality
 
 
 def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_path):
@@ -132,6 +206,9 @@ def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_p
     assert len(srs) == 1
     assert_finds(phantom, srs[0])
     first_series = srs[0].SeriesInstanceUID
+    first = objects_by_class(orthanc, study_uid)
+    assert len(first[GSPS_CLASS]) == len(first[KOS_CLASS]) == 1
+    first_overlays = {first[GSPS_CLASS][0].SeriesInstanceUID, first[KOS_CLASS][0].SeriesInstanceUID}
 
     late = pydicom.dcmread(files[0])
     late.ImageComments = "re-sent after a correction"
@@ -139,9 +216,13 @@ def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_p
     subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",
                     str(node.dicom_port), str(tmp_path / "late.dcm")], env=PEER_ENV, check=True)
     wait_done(node, study_uid, version=2)
-    wait_for(lambda: len(result_objects(orthanc, study_uid)[0]) == 1, 30, "the old SR to be replaced")
+    wait_for(lambda: result_counts(orthanc, study_uid) == (1, 1, 1), 30, "the old SR, marks and KOS to be replaced")
     srs, _ = result_objects(orthanc, study_uid)
     assert len(srs) == 1 and srs[0].SeriesInstanceUID != first_series, "results replaced, not duplicated"
+    again = objects_by_class(orthanc, study_uid)
+    overlays = {again[GSPS_CLASS][0].SeriesInstanceUID, again[KOS_CLASS][0].SeriesInstanceUID}
+    assert not overlays & first_overlays, "the presentation state and KOS are the new run's"
+    assert [int(again[c][0].SeriesNumber) for c in (GSPS_CLASS, KOS_CLASS)] == [9022, 9023], "v2: 9000 + 10 x 2 + 2, 3"
 
 
 def test_unknown_caller_is_rejected(pacs_and_node):
@@ -163,6 +244,11 @@ def test_real_lidc_series_goes_through_the_whole_path(pacs_and_node):
     assert len(srs) == 1 and srs[0].PatientID == "LIDC-IDRI-0001"
     assert dciodvfy_errors(srs[0]) == []
     assert len(scs) == len(sr_points(srs[0]))
+    found = objects_by_class(orthanc, study_uid)
+    overlays = found.get(GSPS_CLASS, []) + found.get(KOS_CLASS, [])
+    assert len(overlays) == (2 if scs else 0), "marks and KOS exactly when something was found"
+    for ds in overlays:
+        assert dciodvfy_errors(ds) == [], ds.Modality
     print(f"LIDC-IDRI-0001: {len(sr_points(srs[0]))} finding(s) in {state['seconds']:.1f} s")
 
 
@@ -206,6 +292,7 @@ def test_study_without_a_readable_series_gets_a_not_processed_sr(pacs_and_node, 
     assert "slices" in state["reason"]
     srs, scs = result_objects(orthanc, study_uid)
     assert len(srs) == 1 and scs == []
+    assert result_counts(orthanc, study_uid) == (1, 0, 0), "nothing to mark or flag"
     texts = [t.TextValue for t in content_items(srs[0], "TEXT")]
     assert any("not processed" in t.lower() and "slices" in t for t in texts), texts
     assert dciodvfy_errors(srs[0]) == []

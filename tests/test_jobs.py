@@ -1,10 +1,11 @@
 """The study state machine and the results outbox in SQLite, across restarts."""
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from lungnode.dicom_node.db import (
-    DONE, FAILED, PENDING, PROCESSING, QUEUED, RECEIVING, SENT, SUPERSEDED, InstanceRecord, JobDB,
+    DICOM, DONE, FAILED, FHIR, HL7, PENDING, PROCESSING, QUEUED, RECEIVING, SENT, SUPERSEDED, InstanceRecord, JobDB,
 )
 
 
@@ -83,3 +84,27 @@ def test_outbox_survives_restart_retries_and_supersedes_old_versions(tmp_path):
     assert states == {first: SUPERSEDED, second: PENDING}
     db.delivery_sent(second)
     assert db.deliveries("1.2.3")[-1].state == SENT and db.pending_count() == 0
+
+
+def test_deliveries_have_a_kind_and_an_old_database_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)  # the outbox as it was before RIS delivery: no kind column
+    old.executescript(
+        "CREATE TABLE deliveries(id INTEGER PRIMARY KEY AUTOINCREMENT, study_uid TEXT NOT NULL, "
+        "version INTEGER NOT NULL, destination TEXT NOT NULL, path TEXT NOT NULL, state TEXT NOT NULL DEFAULT "
+        "'pending', attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL, last_error TEXT, "
+        "created REAL NOT NULL, sent_at REAL);"
+        "INSERT INTO deliveries(study_uid, version, destination, path, next_attempt, created) "
+        "VALUES('1.2.3', 1, 'PACS@h:104', '/r/v1', 0, 0);")
+    old.close()
+    db = JobDB(path)
+    (pacs,) = db.deliveries("1.2.3")
+    assert (pacs.kind, pacs.destination, pacs.state) == (DICOM, "PACS@h:104", PENDING)
+    ris = db.add_delivery("1.2.3", 2, "HL7 ris:2575", tmp_path / "v2", HL7)
+    fhir = db.add_delivery("1.2.3", 2, "FHIR http://fhir/r4", tmp_path / "v2", FHIR)
+    assert [(d.kind, d.state) for d in db.deliveries("1.2.3")] == [(DICOM, PENDING), (HL7, PENDING), (FHIR, PENDING)]
+    db.add_delivery("1.2.3", 3, "HL7 ris:2575", tmp_path / "v3", HL7)  # supersedes only the HL7 row
+    states = {d.id: d.state for d in db.deliveries("1.2.3")}
+    assert (states[pacs.id], states[ris], states[fhir]) == (PENDING, SUPERSEDED, PENDING)
+    db.close()
+    assert JobDB(path).deliveries("1.2.3")[-1].kind == HL7  # reopening does not migrate twice

@@ -1,6 +1,8 @@
-"""Report stage: SR + key images for a synthetic CT study, checked as a PACS and dciodvfy would."""
+"""Report stage: SR, key images, presentation state and KOS for a synthetic CT study, checked as a PACS
+and dciodvfy would. The presentation state and KOS in detail: test_overlays.py."""
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from io import BytesIO
@@ -47,6 +49,10 @@ def study():
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [SPACING[1], SPACING[0]]
         ds.Rows = ds.Columns = SIZE
+        ds.SamplesPerPixel = 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = ["-600", "40"], ["1500", "400"]
+        ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
         headers.append(ds)
         slices.append(SliceRef(ds.SOPInstanceUID, CTImageStorage, Path(f"/nonexistent/{k}.dcm"),
                                tuple(float(v) for v in ds.ImagePositionPatient)))
@@ -101,10 +107,20 @@ def _dciodvfy_errors(ds: pydicom.Dataset, tmp_path: Path) -> list[str]:
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
+def by_kind(outputs: list[pydicom.Dataset]) -> tuple[pydicom.Dataset, list[pydicom.Dataset], pydicom.Dataset,
+                                                      pydicom.Dataset]:
+    """(SR, key images, presentation state, KOS), checking build_results' order: SR, SCs, PR, KO."""
+    sr, *key_images, gsps, kos = outputs
+    assert [sr.Modality, *{k.Modality for k in key_images}, gsps.Modality, kos.Modality] == ["SR", "OT", "PR", "KO"]
+    return sr, key_images, gsps, kos
+
+
 def test_outputs_go_into_the_source_study_as_new_versioned_series(study, outputs):
     headers, volume = study
-    sr, *key_images = outputs
+    sr, key_images, gsps, kos = by_kind(outputs)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
     assert len(key_images) == 2
     for ds in outputs:
         assert ds.StudyInstanceUID == headers[0].StudyInstanceUID
@@ -112,20 +128,23 @@ def test_outputs_go_into_the_source_study_as_new_versioned_series(study, outputs
         assert ds.AccessionNumber == "ACC123" and str(ds.StudyDate) == "20240102"
         assert ds.SeriesInstanceUID != volume.series_instance_uid
         assert ds.InstitutionName == "General Hospital"
-    assert sr.SeriesInstanceUID != key_images[0].SeriesInstanceUID
     assert key_images[0].SeriesInstanceUID == key_images[1].SeriesInstanceUID
+    assert len({ds.SeriesInstanceUID for ds in (sr, key_images[0], gsps, kos)}) == 4, "one series per kind"
+    assert [ds.SeriesNumber for ds in (sr, key_images[0], gsps, kos)] == [9020, 9021, 9022, 9023]
     assert sr.SeriesDescription == "lungnode AI nodules v2"
     assert key_images[0].SeriesDescription == "lungnode AI key images v2"
-    assert len({ds.SOPInstanceUID for ds in outputs}) == 3
+    assert gsps.SeriesDescription == "lungnode AI nodule marks v2"
+    assert kos.SeriesDescription == "lungnode AI key objects v2"
+    assert len({ds.SOPInstanceUID for ds in outputs}) == 5
 
 
 def test_reprocessing_gets_new_uids_and_a_higher_series_number(study, detections, outputs):
     headers, volume = study
     result = DetectionResult(volume.study_instance_uid, volume.series_instance_uid, MODEL, detections)
     again = build_results(result, volume, headers[0], version=3)
-    assert again[0].SeriesInstanceUID != outputs[0].SeriesInstanceUID
-    assert again[1].SeriesInstanceUID != outputs[1].SeriesInstanceUID
-    assert again[0].SeriesNumber > outputs[0].SeriesNumber
+    for new, old in zip(again, outputs, strict=True):
+        assert new.SeriesInstanceUID != old.SeriesInstanceUID and new.SOPInstanceUID != old.SOPInstanceUID
+        assert new.SeriesNumber == old.SeriesNumber + 10
     assert again[0].SeriesDescription == "lungnode AI nodules v3"
     assert np.array_equal(again[1].pixel_array, outputs[1].pixel_array)  # deterministic pixels
 
@@ -164,6 +183,58 @@ def test_sr_references_the_centre_slices_of_the_source_series(study, detections,
     assert set(referenced) <= evidence <= set(by_uid)
 
 
+def _diameter_circles(sr: pydicom.Dataset) -> list:
+    """Per TID 1501 group: (tracking UID, the diameter's 2D coordinates), as a receiver reads them."""
+    out = []
+    for group in _reread(sr).content.get_image_measurement_groups():
+        (diameter,) = group.get_measurements(name=codes.SCT.Diameter)
+        (coords,) = diameter.referenced_coordinates
+        out.append((group.tracking_uid, group.tracking_identifier, diameter.value, coords))
+    return out
+
+
+def test_sr_draws_each_finding_as_a_circle_on_its_centre_slice(study, detections, outputs):
+    """Viewers that only read image coordinates get a circle on the source slice through each centre,
+    tied to the 3D finding by tracking UID."""
+    headers, _ = study
+    sr = outputs[0]
+    volumetric = {g.tracking_uid: g.tracking_identifier for g in _groups(sr)}
+    circles = _diameter_circles(sr)
+    assert len(circles) == len(detections)
+    for (uid, label, value, coords), det, number in zip(circles, detections, (1, 2)):
+        assert volumetric[uid] == label == f"N{number}"
+        assert value == pytest.approx(det.diameter_mm)
+        assert coords.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
+        image = coords.ContentSequence[0].ReferencedSOPSequence[0]
+        header = nearest_slice(headers, det.center_mm)
+        assert image.ReferencedSOPInstanceUID == header.SOPInstanceUID
+        centre, edge = np.asarray(coords.value)
+        np.testing.assert_allclose(centre, pixel_of(header, det.center_mm), atol=1.0)
+        assert np.linalg.norm(edge - centre) * float(header.PixelSpacing[1]) == pytest.approx(det.diameter_mm / 2)
+
+
+def test_sr_is_unverified_and_names_the_algorithm(outputs):
+    sr = outputs[0]
+    assert sr.VerificationFlag == "UNVERIFIED"
+    texts = {(item.ConceptNameCodeSequence[0].CodeMeaning, item.TextValue)
+             for item in _walk(sr) if item.ValueType == "TEXT"}
+    assert ("Algorithm Name", MODEL.name) in texts and ("Algorithm Version", MODEL.version) in texts
+
+
+def nearest_slice(headers: list[pydicom.Dataset], point_mm) -> pydicom.Dataset:
+    """The source image whose plane is nearest to a world point (from the headers, not the Volume)."""
+    return min(headers, key=lambda h: abs(float(h.ImagePositionPatient[2]) - point_mm[2]))
+
+
+def pixel_of(header: pydicom.Dataset, point_mm) -> np.ndarray:
+    """(column, row) DICOM image coordinates of a world point on an axial image (pixel centres at +0.5)."""
+    offset = np.asarray(point_mm, float) - np.asarray(header.ImagePositionPatient, float)
+    orientation = np.asarray(header.ImageOrientationPatient, float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    spacing_row, spacing_col = (float(v) for v in header.PixelSpacing)
+    return np.array([offset @ row_dir / spacing_col + 0.5, offset @ col_dir / spacing_row + 0.5])
+
+
 def test_sr_observer_is_the_algorithm(outputs):
     observer = _reread(outputs[0]).content.get_observer_contexts()[0]
     assert observer.observer_type == codes.DCM.Device
@@ -197,7 +268,7 @@ def test_key_image_shows_lung_window_box_and_references_its_slice(study, detecti
     assert (footer == FOOTER_RGB).all(axis=-1).any(), "the disclaimer footer is burned in"
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])  # SR, key image x 2, presentation state, KOS
 def test_outputs_pass_dciodvfy(outputs, index, tmp_path):
     assert _dciodvfy_errors(outputs[index], tmp_path) == []
 
@@ -207,7 +278,7 @@ def test_not_processed_study_gets_an_sr_saying_why(study, tmp_path):
     reason = "series 2 (Thorax \u2013 Lunge nativ): slice spacing 5.0 mm > 3.0 mm"  # not in ISO_IR 100
     result = DetectionResult(headers[0].StudyInstanceUID, None, MODEL, [], not_processed_reason=reason)
     outputs = build_results(result, None, headers[0])
-    assert len(outputs) == 1
+    assert len(outputs) == 1, "nothing to mark or flag: no presentation state, no KOS"
     sr = outputs[0]
     assert sr.StudyInstanceUID == headers[0].StudyInstanceUID and sr.AccessionNumber == "ACC123"
     texts = [item.TextValue for item in _walk(_reread(sr)) if item.ValueType == "TEXT"]
@@ -220,8 +291,9 @@ def test_study_without_nodules_gets_an_sr_saying_so(study, tmp_path):
     headers, volume = study
     result = DetectionResult(volume.study_instance_uid, volume.series_instance_uid, MODEL, [])
     outputs = build_results(result, volume, headers[0])
-    assert len(outputs) == 1
+    assert len(outputs) == 1, "nothing to mark or flag: no presentation state, no KOS"
     sr = outputs[0]
+    assert sr.VerificationFlag == "UNVERIFIED"
     codes_found = [(item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue)
                    for item in _walk(sr) if item.ValueType == "CODE"]
     assert (codes.SCT.Nodule.value, codes.SCT.Absent.value) in codes_found
@@ -232,11 +304,12 @@ def test_study_without_nodules_gets_an_sr_saying_so(study, tmp_path):
 def test_source_without_optional_study_attributes_still_gives_valid_objects(study, detections, tmp_path):
     """Anonymised sources (like LIDC) lack StudyID/AccessionNumber; the objects keep them empty."""
     headers, volume = study
-    source = headers[0].copy()
+    source = copy.deepcopy(headers[0])  # Dataset.copy() shares the elements
     del source.StudyID, source.AccessionNumber, source.PatientBirthDate
     result = DetectionResult(volume.study_instance_uid, volume.series_instance_uid, MODEL, detections[:1])
-    sr, key = build_results(result, volume, source)
-    for ds in (sr, key):
+    objects = build_results(result, volume, source)
+    assert [ds.Modality for ds in objects] == ["SR", "OT", "PR", "KO"]
+    for ds in objects:
         assert "AccessionNumber" in ds and not ds.AccessionNumber and ds.PatientID == "LN-0001"
         assert _dciodvfy_errors(ds, tmp_path) == []
 

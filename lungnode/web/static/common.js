@@ -1,0 +1,65 @@
+// Shared by the pages: labels, formatting, and small DOM helpers. window.LUNGNODE comes from the template.
+"use strict";
+const P = window.LUNGNODE;
+const L = P.labels;
+
+function t(key, vars) {
+  return (L[key] || key).replace(/\{(\w+)\}/g, (_, name) => (vars && name in vars ? vars[name] : ""));
+}
+
+function withLang(url) {
+  return url + (url.includes("?") ? "&" : "?") + "lang=" + P.lang;
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+function personName(pn) {
+  const [family, given, middle] = (pn || "").split("^");
+  const rest = [given, middle].filter(Boolean).join(" ");
+  return [family, rest].filter(Boolean).join(", ");
+}
+
+function dicomDate(d) {
+  return d && d.length === 8 ? `${d.slice(0, 4)}-${d.slice(4, 6)}-${d.slice(6)}` : d || "";
+}
+
+function when(epoch) {
+  if (!epoch) return "";
+  const d = new Date(epoch * 1000);
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}`;
+}
+
+function stateBadge(study) {
+  return el("span", { class: `badge state-${study.state}`, "data-state": study.state }, t("state_" + study.state));
+}
+
+function pendingBadge(study) {
+  return study.pending_deliveries > 0
+    ? el("span", { class: "badge pending", "data-pending": study.pending_deliveries }, t("delivery_pending"))
+    : null;
+}
+
+async function getJSON(url) {
+  const response = await fetch(url, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${response.status} ${url}`);
+  return response.json();
+}
+
+function every(ms, fn) {
+  const tick = () => fn().catch((err) => console.warn(err)).finally(() => setTimeout(tick, ms));
+  tick();
+}
+
+document.getElementById("node-info").textContent = t("node_info", P.node);

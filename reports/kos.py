@@ -1,0 +1,79 @@
+"""Key Object Selection Document (TID 2010) that flags what an AI run found, as IHE AI Results uses it.
+
+Title "Of Interest" (DCM 113000): the source CT slice through each nodule centre, each with the
+presentation state to display it with (so a viewer opening the KOS shows the marked slice), then the
+SR, the presentation state and the key images. It is made only when there are findings: a KOS must
+reference at least one object, and one on a study without findings would put a key-image flag on a
+normal study in the worklist; the SR alone records that the AI looked and found nothing.
+"""
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from lungnode.inference.types import ModelInfo, Volume
+from lungnode.reports.source_refs import Finding, slice_header
+from lungnode.reports.sr import observer_device
+
+TITLE = codes.DCM.OfInterest
+
+
+def build_kos(
+    findings: list[Finding],
+    volume: Volume,
+    source: Dataset,
+    model: ModelInfo,
+    *,
+    sr: Dataset,
+    gsps: Dataset,
+    key_images: list[Dataset],
+    series_instance_uid: str,
+    series_number: int,
+    series_description: str,
+    manufacturer: str,
+    institution: str | None,
+) -> hd.ko.KeyObjectSelectionDocument:
+    if not findings:
+        raise ValueError("a key object selection needs at least one finding")
+    key_slices = {(f.slice.sop_instance_uid, f.slice.frame_number): f.slice for f in findings}
+    slices = [slice_header(volume, ref, source) for ref in key_slices.values()]
+    content = hd.ko.KeyObjectSelection(
+        document_title=TITLE,
+        referenced_objects=[*slices, sr, gsps, *key_images],
+        observer_device_context=observer_device(model, manufacturer),
+        description=(
+            f"{model.name} {model.version}: {len(findings)} nodule candidate(s), not reviewed. "
+            "CT slices through each centre (shown with the AI presentation state), the SR, "
+            "the presentation state and the key images."
+        ),
+    )
+    # highdicom adds the references in the order given: the first IMAGE items are the CT slices.
+    images = [item for item in content[0].ContentSequence if item.ValueType == "IMAGE"]
+    for item, ref in zip(images, key_slices.values()):
+        _show_with(item, gsps, ref.frame_number)
+    unique = {ds.SOPInstanceUID: ds for ds in (sr, gsps, *key_images, *slices)}
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=list(unique.values()),
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        institution_name=institution,
+        series_description=series_description,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+    )
+
+
+def _show_with(item: Dataset, presentation_state: Dataset, frame_number: int | None) -> None:
+    """Image Reference Macro (PS3.3 table 10-3): the frame, and the presentation state to apply."""
+    referenced = item.ReferencedSOPSequence[0]
+    if frame_number is not None:
+        referenced.ReferencedFrameNumber = frame_number
+    state = Dataset()
+    state.ReferencedSOPClassUID = presentation_state.SOPClassUID
+    state.ReferencedSOPInstanceUID = presentation_state.SOPInstanceUID
+    referenced.ReferencedSOPSequence = [state]
