@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import requests
 
@@ -62,7 +62,7 @@ class OrthancServer:
     """A throw-away Orthanc (Debian package) with its own storage, on free loopback ports."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 binary: str | None = None, dicom_port: int | None = None) -> None:
+                 binary: str | None = None, dicom_port: int | None = None, plugins: Sequence[str] = ()) -> None:
         self.binary = binary or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(self.binary).exists():
             raise FileNotFoundError("Orthanc is not installed: apt-get install orthanc")
@@ -72,6 +72,7 @@ class OrthancServer:
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.modalities = modalities or {}
+        self.plugins = list(plugins)  # shared libraries (e.g. the Web Viewer's .so) Orthanc loads at start
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "OrthancServer":
@@ -80,7 +81,7 @@ class OrthancServer:
             "Name": "lungnode-test-pacs", "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"), "HttpPort": self.http_port,
             "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": self.plugins,
             "StorageCompression": False,
             "DicomModalities": {name: list(v) for name, v in self.modalities.items()},
             "StableAge": 2, "OverwriteInstances": True, "ConcurrentJobs": 2,

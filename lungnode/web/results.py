@@ -28,8 +28,14 @@ def load_result(directory: Path | None) -> DetectionResult | None:
     data = json.loads(path.read_text())
     return DetectionResult(
         study_instance_uid=data["study_instance_uid"], series_instance_uid=data["series_instance_uid"],
-        model=ModelInfo(**data["model"]), detections=[Detection(**d) for d in data["detections"]],
+        model=ModelInfo(**data["model"]), detections=[_detection(d) for d in data["detections"]],
         not_processed_reason=data.get("not_processed_reason"), seconds=data.get("seconds", 0.0))
+
+
+def _detection(d: dict) -> Detection:
+    """JSON lists back to the tuples Detection declares (the API's serializer checks them)."""
+    return Detection(center_mm=tuple(d["center_mm"]), box_mm=tuple(d["box_mm"]), diameter_mm=d["diameter_mm"],
+                     score=d["score"])
 
 
 def key_image_files(directory: Path | None) -> dict[int, Path]:
