@@ -106,15 +106,17 @@ def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
         start, stop = body_bbox(hu_ijk, spacing, settings.body_threshold_hu, settings.body_margin_mm)
     else:
         start, stop = np.zeros(3, int), np.array(hu_ijk.shape)
-    crop = hu_ijk[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    # Window and resample in the volume's own (k, j, i) memory order (a contiguous crop is several
+    # times faster to copy and interpolate); only the small resampled image is transposed.
+    crop = volume.hu[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]]
     lo, hi = settings.window_hu
     x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
     x = ((x.clamp_(lo, hi) - lo) / (hi - lo))[None, None]
-    in_size = np.array(crop.shape)
+    in_size = np.array(crop.shape[::-1])
     out_size = np.maximum(1, np.round(in_size * spacing / model_spacing)).astype(int)
     if np.any(out_size != in_size):
-        x = F.interpolate(x, size=tuple(int(v) for v in out_size), mode="trilinear", align_corners=False)
-    x = x[0, 0].permute(*axes)
+        x = F.interpolate(x, size=tuple(int(v) for v in out_size[::-1]), mode="trilinear", align_corners=False)
+    x = x[0, 0].permute(*(2 - a for a in axes))  # (k, j, i) -> the network's axes
     if any(flipped):
         x = x.flip([a for a in range(3) if flipped[a]])
     return PreparedImage(image=x.contiguous(), crop_start=start.astype(np.float64), scale=in_size / out_size,
