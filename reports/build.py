@@ -76,7 +76,7 @@ def build_results(
         **common,
     )
     if not has_findings:
-        return [sr]
+        return _dated([sr])
     key_series_uid = hd.UID()
     key_images = [
         build_key_image(
@@ -116,4 +116,14 @@ def build_results(
         series_description=f"lungnode AI key objects v{version}",
         **common,
     )
-    return [sr, *key_images, gsps, kos]
+    return _dated([sr, *key_images, gsps, kos])
+
+
+def _dated(outputs: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Series date/time = when the results were made (their content date), so PACS browsers that group
+    series by date show the AI series under the study's day instead of an unknown date."""
+    for ds in outputs:
+        if "ContentDate" in ds and not ds.get("SeriesDate"):
+            ds.SeriesDate = ds.ContentDate
+            ds.SeriesTime = ds.get("ContentTime", "")
+    return outputs
