@@ -7,6 +7,8 @@ must flag at least one object, and flagging a study without findings would misle
 """
 from __future__ import annotations
 
+from datetime import datetime
+
 import highdicom as hd
 import pydicom
 
@@ -120,10 +122,10 @@ def build_results(
 
 
 def _dated(outputs: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Series date/time = when the results were made (their content date), so PACS browsers that group
-    series by date show the AI series under the study's day instead of an unknown date."""
+    """Series date/time = when the results were made, so PACS browsers that group series by date show
+    the AI series under a real day instead of an unknown date."""
+    now = datetime.now()
     for ds in outputs:
-        if "ContentDate" in ds and not ds.get("SeriesDate"):
-            ds.SeriesDate = ds.ContentDate
-            ds.SeriesTime = ds.get("ContentTime", "")
+        ds.SeriesDate = now.strftime("%Y%m%d")
+        ds.SeriesTime = now.strftime("%H%M%S")
     return outputs
