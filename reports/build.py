@@ -1,9 +1,10 @@
 """The report stage's one entry point: a DetectionResult -> DICOM objects for the same study.
 
-Each run gets new series (SR, key images, presentation state, key object selection) whose number
-and description carry ``version``, so a PACS lists the newest results of a re-processed study last
-and labelled as such. The presentation state and the KOS exist only when something was found (a KOS
-must flag at least one object, and flagging a study without findings would mislead; see kos.py).
+Each run gets new series (SR, key images, presentation state, segmentation, key object selection)
+whose number and description carry ``version``, so a PACS lists the newest results of a re-processed
+study last and labelled as such. The presentation state, the segmentation and the KOS exist only when
+something was found (a KOS must flag at least one object, and flagging a study without findings would
+mislead; see kos.py); the segmentation also not for multi-frame sources (see seg.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lungnode.inference.types import DetectionResult, Volume
 from lungnode.reports.gsps import build_gsps
 from lungnode.reports.key_images import build_key_image
 from lungnode.reports.kos import build_kos
+from lungnode.reports.seg import build_seg
 from lungnode.reports.source_refs import findings_of
 from lungnode.reports.sr import build_sr
 
@@ -38,6 +40,10 @@ def kos_series_number(version: int) -> int:
     return SERIES_NUMBER_BASE + 10 * version + 3
 
 
+def seg_series_number(version: int) -> int:
+    return SERIES_NUMBER_BASE + 10 * version + 4
+
+
 def build_results(
     result: DetectionResult,
     volume: Volume | None,
@@ -47,8 +53,8 @@ def build_results(
     manufacturer: str = "lungnode",
     institution: str | None = None,
 ) -> list[pydicom.Dataset]:
-    """The SR first, then one key image per detection (in detection order), then the presentation state
-    and the key object selection (only with detections), all in ``source``'s study.
+    """The SR first, then one key image per detection (in detection order), then the presentation state,
+    the segmentation and the key object selection (only with detections), all in ``source``'s study.
 
     ``source`` is a header of the processed series (any instance of the study when nothing was
     processed); ``volume`` is None only when ``result.not_processed_reason`` is set.
@@ -105,6 +111,16 @@ def build_results(
         series_description=f"lungnode AI nodule marks v{version}",
         **common,
     )
+    seg = build_seg(
+        findings,
+        volume,
+        source,
+        result.model,
+        series_instance_uid=hd.UID(),
+        series_number=seg_series_number(version),
+        series_description=f"lungnode AI nodule masks v{version}",
+        **common,
+    )
     kos = build_kos(
         findings,
         volume,
@@ -112,13 +128,14 @@ def build_results(
         result.model,
         sr=sr,
         gsps=gsps,
+        seg=seg,
         key_images=key_images,
         series_instance_uid=hd.UID(),
         series_number=kos_series_number(version),
         series_description=f"lungnode AI key objects v{version}",
         **common,
     )
-    return _dated([sr, *key_images, gsps, kos])
+    return _dated([sr, *key_images, gsps, *([seg] if seg is not None else []), kos])
 
 
 def _dated(outputs: list[pydicom.Dataset]) -> list[pydicom.Dataset]:

@@ -2,9 +2,10 @@
 
 Title "Of Interest" (DCM 113000): the source CT slice through each nodule centre, each with the
 presentation state to display it with (so a viewer opening the KOS shows the marked slice), then the
-SR, the presentation state and the key images. It is made only when there are findings: a KOS must
-reference at least one object, and one on a study without findings would put a key-image flag on a
-normal study in the worklist; the SR alone records that the AI looked and found nothing.
+SR, the presentation state, the segmentation (when made) and the key images. It is made only when
+there are findings: a KOS must reference at least one object, and one on a study without findings
+would put a key-image flag on a normal study in the worklist; the SR alone records that the AI looked
+and found nothing.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def build_kos(
     *,
     sr: Dataset,
     gsps: Dataset,
+    seg: Dataset | None,
     key_images: list[Dataset],
     series_instance_uid: str,
     series_number: int,
@@ -38,21 +40,22 @@ def build_kos(
         raise ValueError("a key object selection needs at least one finding")
     key_slices = {(f.slice.sop_instance_uid, f.slice.frame_number): f.slice for f in findings}
     slices = [slice_header(volume, ref, source) for ref in key_slices.values()]
+    results = [sr, gsps, *([seg] if seg is not None else []), *key_images]
     content = hd.ko.KeyObjectSelection(
         document_title=TITLE,
-        referenced_objects=[*slices, sr, gsps, *key_images],
+        referenced_objects=[*slices, *results],
         observer_device_context=observer_device(model, manufacturer),
         description=(
             f"{model.name} {model.version}: {len(findings)} nodule candidate(s), not reviewed. "
             "CT slices through each centre (shown with the AI presentation state), the SR, "
-            "the presentation state and the key images."
+            f"the presentation state, {'the nodule masks, ' if seg is not None else ''}and the key images."
         ),
     )
     # highdicom adds the references in the order given: the first IMAGE items are the CT slices.
     images = [item for item in content[0].ContentSequence if item.ValueType == "IMAGE"]
     for item, ref in zip(images, key_slices.values()):
         _show_with(item, gsps, ref.frame_number)
-    unique = {ds.SOPInstanceUID: ds for ds in (sr, gsps, *key_images, *slices)}
+    unique = {ds.SOPInstanceUID: ds for ds in (*results, *slices)}
     return hd.ko.KeyObjectSelectionDocument(
         evidence=list(unique.values()),
         content=content,

@@ -1,6 +1,6 @@
 """The whole path with real parts: a real Orthanc routes a CT study to a real `lungnode serve` process,
-which sends SR, key images, the presentation state with the AI marks and the KOS back into the same
-Orthanc study."""
+which sends SR, key images, the presentation state with the AI marks, the SEG with the nodule masks and
+the KOS back into the same Orthanc study."""
 from __future__ import annotations
 
 import io
@@ -20,10 +20,11 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASSES = {"1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.4"}
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 # What dciodvfy prints first when it recognised the IOD of each result class.
 IOD_NAMES = {SR_CLASS: "Comprehensive3DSR", GSPS_CLASS: "GrayscaleSoftcopyPresentationState",
-             KOS_CLASS: "KeyObjectSelectionDocument", **{c: "SCImage" for c in SC_CLASSES}}
+             KOS_CLASS: "KeyObjectSelectionDocument", SEG_CLASS: "Segmentation", **{c: "SCImage" for c in SC_CLASSES}}
 
 
 def content_items(ds, value_type: str):
@@ -98,10 +99,10 @@ def result_objects(orthanc: OrthancServer, study_uid: str) -> tuple[list, list]:
     return found.get(SR_CLASS, []), [ds for c in sorted(SC_CLASSES) for ds in found.get(c, [])]
 
 
-def result_counts(orthanc: OrthancServer, study_uid: str) -> tuple[int, int, int]:
-    """How many SRs, presentation states and KOS the study holds (a replaced run leaves one each)."""
+def result_counts(orthanc: OrthancServer, study_uid: str) -> tuple[int, int, int, int]:
+    """How many SRs, presentation states, SEGs and KOS the study holds (a replaced run leaves one each)."""
     found = objects_by_class(orthanc, study_uid)
-    return tuple(len(found.get(c, [])) for c in (SR_CLASS, GSPS_CLASS, KOS_CLASS))
+    return tuple(len(found.get(c, [])) for c in (SR_CLASS, GSPS_CLASS, SEG_CLASS, KOS_CLASS))
 
 
 def sr_centres_by_tracking_uid(sr) -> dict[str, np.ndarray]:
@@ -146,13 +147,27 @@ def assert_marks_on_found_nodules(phantom, sr, gsps, cts: list, slice_mm: float)
             assert distance < nodule.diameter_mm / 2, f"no mark inside the found nodule at {nodule.center_mm}"
 
 
+def assert_seg_segments_are_the_sr_findings_on_study_slices(seg, sr, cts: list) -> None:
+    """One segment per SR finding with its tracking UID, and every mask frame names a CT image of the
+    study in the PACS lying at the frame's own position."""
+    centres = sr_centres_by_tracking_uid(sr)
+    assert sorted(s.TrackingUID for s in seg.SegmentSequence) == sorted(centres)
+    images = {ct.SOPInstanceUID: ct for ct in cts}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        (source,) = frame.DerivationImageSequence[0].SourceImageSequence
+        image = images[source.ReferencedSOPInstanceUID]  # KeyError: the frame is not on a CT image of the study
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in image.ImagePositionPatient], atol=1e-3)
+
+
 def assert_kos_flags_objects_of_the_study(kos, found: dict[str, list]) -> None:
     in_study = {ds.SOPInstanceUID for objects in found.values() for ds in objects}
     referenced = [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(kos, "IMAGE")]
     referenced += [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in content_items(kos, "COMPOSITE")]
     assert referenced and set(referenced) <= in_study, "the KOS flags objects that are in the PACS study"
-    (gsps,) = found[GSPS_CLASS]
+    (gsps,), (seg,) = found[GSPS_CLASS], found[SEG_CLASS]
     assert gsps.SOPInstanceUID in referenced and found[SR_CLASS][0].SOPInstanceUID in referenced
+    assert seg.SOPInstanceUID in referenced
 
 
 def assert_finds(phantom, sr) -> None:
@@ -185,12 +200,14 @@ def test_orthanc_routed_phantom_study_comes_back_with_sr_key_images_and_marks(pa
     assert sr.StudyInstanceUID == study_uid and sr.PatientID == "E2E-ORTHANC" and sr.AccessionNumber == "ACC-90001"
     assert_finds(phantom, sr)
     assert len(scs) == len(sr_points(sr)) >= 1, "one key image per finding"
-    assert len(found[GSPS_CLASS]) == len(found[KOS_CLASS]) == 1, "one presentation state and one KOS"
-    (gsps,), (kos,) = found[GSPS_CLASS], found[KOS_CLASS]
-    assert gsps.PatientID == kos.PatientID == "E2E-ORTHANC"
+    assert len(found[GSPS_CLASS]) == len(found[SEG_CLASS]) == len(found[KOS_CLASS]) == 1, \
+        "one presentation state, one SEG and one KOS"
+    (gsps,), (seg,), (kos,) = found[GSPS_CLASS], found[SEG_CLASS], found[KOS_CLASS]
+    assert gsps.PatientID == seg.PatientID == kos.PatientID == "E2E-ORTHANC"
     assert_marks_on_found_nodules(phantom, sr, gsps, found[CT_CLASS], slice_mm=phantom.spacing[2])
+    assert_seg_segments_are_the_sr_findings_on_study_slices(seg, sr, found[CT_CLASS])
     assert_kos_flags_objects_of_the_study(kos, found)
-    for ds in (sr, gsps, kos, scs[0]):
+    for ds in (sr, gsps, seg, kos, scs[0]):
         assert dciodvfy_errors(ds) == [], ds.Modality
 
 
@@ -207,8 +224,8 @@ def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_p
     assert_finds(phantom, srs[0])
     first_series = srs[0].SeriesInstanceUID
     first = objects_by_class(orthanc, study_uid)
-    assert len(first[GSPS_CLASS]) == len(first[KOS_CLASS]) == 1
-    first_overlays = {first[GSPS_CLASS][0].SeriesInstanceUID, first[KOS_CLASS][0].SeriesInstanceUID}
+    assert len(first[GSPS_CLASS]) == len(first[SEG_CLASS]) == len(first[KOS_CLASS]) == 1
+    first_overlays = {first[c][0].SeriesInstanceUID for c in (GSPS_CLASS, SEG_CLASS, KOS_CLASS)}
 
     late = pydicom.dcmread(files[0])
     late.ImageComments = "re-sent after a correction"
@@ -216,13 +233,15 @@ def test_storescu_sender_and_late_instance_replaces_results(pacs_and_node, tmp_p
     subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1",
                     str(node.dicom_port), str(tmp_path / "late.dcm")], env=PEER_ENV, check=True)
     wait_done(node, study_uid, version=2)
-    wait_for(lambda: result_counts(orthanc, study_uid) == (1, 1, 1), 30, "the old SR, marks and KOS to be replaced")
+    wait_for(lambda: result_counts(orthanc, study_uid) == (1, 1, 1, 1), 30,
+             "the old SR, marks, SEG and KOS to be replaced")
     srs, _ = result_objects(orthanc, study_uid)
     assert len(srs) == 1 and srs[0].SeriesInstanceUID != first_series, "results replaced, not duplicated"
     again = objects_by_class(orthanc, study_uid)
-    overlays = {again[GSPS_CLASS][0].SeriesInstanceUID, again[KOS_CLASS][0].SeriesInstanceUID}
-    assert not overlays & first_overlays, "the presentation state and KOS are the new run's"
-    assert [int(again[c][0].SeriesNumber) for c in (GSPS_CLASS, KOS_CLASS)] == [9022, 9023], "v2: 9000 + 10 x 2 + 2, 3"
+    overlays = {again[c][0].SeriesInstanceUID for c in (GSPS_CLASS, SEG_CLASS, KOS_CLASS)}
+    assert not overlays & first_overlays, "the presentation state, SEG and KOS are the new run's"
+    assert [int(again[c][0].SeriesNumber) for c in (GSPS_CLASS, KOS_CLASS, SEG_CLASS)] == [9022, 9023, 9024], \
+        "v2: 9000 + 10 x 2 + 2, 3, 4"
 
 
 def test_unknown_caller_is_rejected(pacs_and_node):
@@ -245,8 +264,8 @@ def test_real_lidc_series_goes_through_the_whole_path(pacs_and_node):
     assert dciodvfy_errors(srs[0]) == []
     assert len(scs) == len(sr_points(srs[0]))
     found = objects_by_class(orthanc, study_uid)
-    overlays = found.get(GSPS_CLASS, []) + found.get(KOS_CLASS, [])
-    assert len(overlays) == (2 if scs else 0), "marks and KOS exactly when something was found"
+    overlays = found.get(GSPS_CLASS, []) + found.get(SEG_CLASS, []) + found.get(KOS_CLASS, [])
+    assert len(overlays) == (3 if scs else 0), "marks, SEG and KOS exactly when something was found"
     for ds in overlays:
         assert dciodvfy_errors(ds) == [], ds.Modality
     print(f"LIDC-IDRI-0001: {len(sr_points(srs[0]))} finding(s) in {state['seconds']:.1f} s")
@@ -292,7 +311,7 @@ def test_study_without_a_readable_series_gets_a_not_processed_sr(pacs_and_node, 
     assert "slices" in state["reason"]
     srs, scs = result_objects(orthanc, study_uid)
     assert len(srs) == 1 and scs == []
-    assert result_counts(orthanc, study_uid) == (1, 0, 0), "nothing to mark or flag"
+    assert result_counts(orthanc, study_uid) == (1, 0, 0, 0), "nothing to mark, segment or flag"
     texts = [t.TextValue for t in content_items(srs[0], "TEXT")]
     assert any("not processed" in t.lower() and "slices" in t for t in texts), texts
     assert dciodvfy_errors(srs[0]) == []

@@ -311,16 +311,25 @@ def _write_seg(ct: Ct, path: Path) -> Path:
     return path
 
 
-def _write_device_sr(ct: Ct, path: Path) -> Path:
-    """The SR lungnode itself sends to the PACS, one POINT + Diameter per phantom nodule."""
+def _write_results(ct: Ct, folder: Path, model: ModelInfo, manufacturer: str) -> dict[str, Path]:
+    """The result objects lungnode sends to the PACS (one POINT + Diameter per phantom nodule in the SR,
+    one sphere per nodule in the SEG), made by ``model`` of ``manufacturer``: {modality: path}."""
     volume = load_volume(sorted(ct.folder.glob("*.dcm")))
     detections = [Detection(n.center_mm, (*(np.array(n.center_mm) - 5), *(np.array(n.center_mm) + 5)),
                             n.diameter_mm, 0.9) for n in ct.phantom.nodules]
-    result = DetectionResult(ct.study_uid, ct.series_uid, ModelInfo("m", "1", "0" * 64), detections)
-    sr = build_results(result, volume, ct.datasets[0])[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path)
-    return path
+    result = DetectionResult(ct.study_uid, ct.series_uid, model, detections)
+    paths = {}
+    for ds in build_results(result, volume, ct.datasets[0], manufacturer=manufacturer):
+        if ds.Modality in ("SR", "SEG"):
+            paths[ds.Modality] = folder / ds.Modality.lower() / f"{ds.Modality.lower()}.dcm"
+            paths[ds.Modality].parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(paths[ds.Modality])
+    return paths
+
+
+def _write_device_sr(ct: Ct, path: Path) -> Path:
+    """Another vendor's AI SR (lungnode's format, not lungnode's model or name)."""
+    return _write_results(ct, path.parent, ModelInfo("m", "1", "0" * 64), "OtherVendor AI")["SR"]
 
 
 def _write_reader_sr(ct: Ct, path: Path, centre, semi_axes) -> Path:
@@ -384,6 +393,48 @@ def test_device_sr_needs_consent_and_seg_wins_over_sr(ct, label_objects):
     result = import_dicom_objects(both, accept_device_sr=True, progress=False)
     assert [s.source for s in result.scans] == ["dicom-seg"]
     assert "superseded" in result.skipped[0].reason
+
+
+@pytest.fixture(scope="module")
+def own_results(ct, tmp_path_factory) -> dict[str, Path]:
+    return _write_results(ct, tmp_path_factory.mktemp("own"), ModelInfo("lungnode-retinanet", "1.0", "0" * 64),
+                          "lungnode")
+
+
+def test_lungnode_own_sr_and_seg_are_never_ground_truth(ct, label_objects, own_results, tmp_path):
+    """Its results go back into the PACS beside the CT; importing them would train the model on its own
+    output, so they are refused even with --accept-device-sr, and a reader's SEG still labels the CT."""
+    folders = [own_results["SR"].parent, own_results["SEG"].parent]
+    own = import_dicom_objects(ImageIndex.build([ct.folder, *folders], progress=False), accept_device_sr=True,
+                               progress=False)
+    assert own.scans == []
+    assert sorted(s.reason for s in own.skipped) == [
+        "SEG: lungnode's own output (Manufacturer 'lungnode'), never ground truth",
+        "SR: lungnode's own output (Manufacturer 'lungnode'), never ground truth",
+    ]
+
+    # A PACS or a de-identification that drops the Manufacturer: the SEG's algorithm and the SR's
+    # device observer still name lungnode.
+    for modality, path in own_results.items():
+        ds = pydicom.dcmread(path)
+        del ds.Manufacturer
+        (tmp_path / modality).mkdir()
+        ds.save_as(tmp_path / modality / path.name)
+    renamed = import_dicom_objects(ImageIndex.build([ct.folder, tmp_path / "SR", tmp_path / "SEG"],
+                                                    progress=False), accept_device_sr=True, progress=False)
+    assert renamed.scans == []
+    assert sorted(s.reason for s in renamed.skipped) == [
+        "SEG: lungnode's own output (segmentation algorithm 'lungnode-retinanet lungnode'), never ground truth",
+        "SR: lungnode's own output (device observer 'lungnode-retinanet 1.0 lungnode lungnode-retinanet'), "
+        "never ground truth",
+    ]
+
+    with_reader = import_dicom_objects(
+        ImageIndex.build([ct.folder, label_objects["seg"].parent, *folders], progress=False),
+        accept_device_sr=True, progress=False)
+    assert [(s.source, s.series_uid) for s in with_reader.scans] == [("dicom-seg", ct.series_uid)]
+    assert len(with_reader.scans[0].boxes) == len(ct.phantom.nodules)
+    assert sorted(s.what for s in with_reader.skipped) == sorted(str(p) for p in own_results.values())
 
 
 def test_reader_sr_ellipsoid_gives_its_extent(ct2, label_objects):

@@ -1,5 +1,5 @@
-"""Report stage: SR, key images, presentation state and KOS for a synthetic CT study, checked as a PACS
-and dciodvfy would. The presentation state and KOS in detail: test_overlays.py."""
+"""Report stage: SR, key images, presentation state, segmentation and KOS for a synthetic CT study,
+checked as a PACS and dciodvfy would. The presentation state, SEG and KOS in detail: test_overlays.py."""
 from __future__ import annotations
 
 import copy
@@ -110,18 +110,29 @@ def _dciodvfy_errors(ds: pydicom.Dataset, tmp_path: Path) -> list[str]:
 
 def by_kind(outputs: list[pydicom.Dataset]) -> tuple[pydicom.Dataset, list[pydicom.Dataset], pydicom.Dataset,
                                                       pydicom.Dataset]:
-    """(SR, key images, presentation state, KOS), checking build_results' order: SR, SCs, PR, KO."""
-    sr, *key_images, gsps, kos = outputs
-    assert [sr.Modality, *{k.Modality for k in key_images}, gsps.Modality, kos.Modality] == ["SR", "OT", "PR", "KO"]
+    """(SR, key images, presentation state, KOS), checking build_results' order: SR, SCs, PR, SEG (when
+    made), KO. The SEG: `seg_of`."""
+    sr, *key_images, gsps, kos = [ds for ds in outputs if ds.Modality != "SEG"]
+    made = ["SR", *["OT"] * len(key_images), "PR"]
+    assert [ds.Modality for ds in outputs] in ([*made, "KO"], [*made, "SEG", "KO"])
     return sr, key_images, gsps, kos
+
+
+def seg_of(outputs: list[pydicom.Dataset]) -> pydicom.Dataset:
+    """The segmentation, which build_results puts just before the KOS."""
+    by_kind(outputs)
+    assert outputs[-2].Modality == "SEG"
+    return outputs[-2]
 
 
 def test_outputs_go_into_the_source_study_as_new_versioned_series(study, outputs):
     headers, volume = study
     sr, key_images, gsps, kos = by_kind(outputs)
+    seg = seg_of(outputs)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert gsps.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
     assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert len(key_images) == 2
     for ds in outputs:
         assert ds.StudyInstanceUID == headers[0].StudyInstanceUID
@@ -131,13 +142,14 @@ def test_outputs_go_into_the_source_study_as_new_versioned_series(study, outputs
         assert ds.InstitutionName == "General Hospital"
         assert str(ds.SeriesDate) == date.today().strftime("%Y%m%d"), "series dated when made"
     assert key_images[0].SeriesInstanceUID == key_images[1].SeriesInstanceUID
-    assert len({ds.SeriesInstanceUID for ds in (sr, key_images[0], gsps, kos)}) == 4, "one series per kind"
-    assert [ds.SeriesNumber for ds in (sr, key_images[0], gsps, kos)] == [9020, 9021, 9022, 9023]
+    assert len({ds.SeriesInstanceUID for ds in (sr, key_images[0], gsps, seg, kos)}) == 5, "one series per kind"
+    assert [ds.SeriesNumber for ds in (sr, key_images[0], gsps, kos, seg)] == [9020, 9021, 9022, 9023, 9024]
     assert sr.SeriesDescription == "lungnode AI nodules v2"
     assert key_images[0].SeriesDescription == "lungnode AI key images v2"
     assert gsps.SeriesDescription == "lungnode AI nodule marks v2"
     assert kos.SeriesDescription == "lungnode AI key objects v2"
-    assert len({ds.SOPInstanceUID for ds in outputs}) == 5
+    assert seg.SeriesDescription == "lungnode AI nodule masks v2"
+    assert len({ds.SOPInstanceUID for ds in outputs}) == 6
 
 
 def test_reprocessing_gets_new_uids_and_a_higher_series_number(study, detections, outputs):
@@ -270,7 +282,7 @@ def test_key_image_shows_lung_window_box_and_references_its_slice(study, detecti
     assert (footer == FOOTER_RGB).all(axis=-1).any(), "the disclaimer footer is burned in"
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3, 4])  # SR, key image x 2, presentation state, KOS
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5])  # SR, key image x 2, presentation state, SEG, KOS
 def test_outputs_pass_dciodvfy(outputs, index, tmp_path):
     assert _dciodvfy_errors(outputs[index], tmp_path) == []
 
@@ -293,7 +305,7 @@ def test_study_without_nodules_gets_an_sr_saying_so(study, tmp_path):
     headers, volume = study
     result = DetectionResult(volume.study_instance_uid, volume.series_instance_uid, MODEL, [])
     outputs = build_results(result, volume, headers[0])
-    assert len(outputs) == 1, "nothing to mark or flag: no presentation state, no KOS"
+    assert len(outputs) == 1, "nothing to mark or flag: no presentation state, no SEG, no KOS"
     sr = outputs[0]
     assert sr.VerificationFlag == "UNVERIFIED"
     codes_found = [(item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue)
@@ -310,7 +322,7 @@ def test_source_without_optional_study_attributes_still_gives_valid_objects(stud
     del source.StudyID, source.AccessionNumber, source.PatientBirthDate
     result = DetectionResult(volume.study_instance_uid, volume.series_instance_uid, MODEL, detections[:1])
     objects = build_results(result, volume, source)
-    assert [ds.Modality for ds in objects] == ["SR", "OT", "PR", "KO"]
+    assert [ds.Modality for ds in objects] == ["SR", "OT", "PR", "SEG", "KO"]
     for ds in objects:
         assert "AccessionNumber" in ds and not ds.AccessionNumber and ds.PatientID == "LN-0001"
         assert _dciodvfy_errors(ds, tmp_path) == []

@@ -30,7 +30,7 @@ WEBVIEWER = Path("/usr/share/orthanc/plugins/libOrthancWebViewer.so")  # where D
 VIEWPORT = {"width": 1280, "height": 800}
 # The result series as reports/build.py describes them (version 1: a study processed once).
 AI_SERIES = {"SR": "lungnode AI nodules v1", "OT": "lungnode AI key images v1", "PR": "lungnode AI nodule marks v1",
-             "KO": "lungnode AI key objects v1"}
+             "SEG": "lungnode AI nodule masks v1", "KO": "lungnode AI key objects v1"}
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,12 @@ SR: the TID 1500 measurement groups whose finding type matches ``finding`` and w
 coordinate in the CT's frame of reference: a POINT centre with a Diameter measurement (what lungnode
 writes), an ELLIPSOID (true extent), or an ELLIPSE / POLYGON / POLYLINE / MULTIPOINT outline (a cube
 of the measured diameter, else of the outline's size). An SR that explicitly reports "Nodule: Absent"
-labels a negative scan. SRs observed only by a device (AI output, lungnode's own included) are not
-reader ground truth and are refused unless ``accept_device_sr``.
+labels a negative scan. SRs observed only by a device (AI output) are not reader ground truth and are
+refused unless ``accept_device_sr``.
+
+lungnode's own results (its SR and SEG, sent back to the PACS beside the CT) are always refused, by
+manufacturer, device observer or algorithm name: training on the model's output would teach it its
+own mistakes.
 
 Several objects for one CT usually describe the same nodules (re-reads, re-processing), so one object
 labels a CT: the newest usable SEG, else the newest usable SR; the others are listed as superseded.
@@ -32,6 +36,9 @@ from lungnode.training.importers.datalist import MIN_NODULE_MM, Box, ImportResul
 from lungnode.training.importers.image_index import Geometry, ImageIndex, Instance, Series
 
 FINDING = r"nodul|lesion|mass|tumou?r|neoplasm"
+OWN_OUTPUT = re.compile(r"lungnode", re.I)  # lungnode's Manufacturer, and in its model/algorithm names
+_DEVICE_NAMES = {c.value for c in (codes.DCM.DeviceObserverName, codes.DCM.DeviceObserverManufacturer,
+                                     codes.DCM.DeviceObserverModelName)}
 _CORNERS = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
 _MM_PER_UNIT = {"mm": 1.0, "cm": 10.0}
 
@@ -81,6 +88,31 @@ def seg_boxes(path: Path, ct: Series, finding: str = FINDING) -> tuple[list[Box]
         box = Box(tuple(map(float, centre)), tuple(map(float, size)), diameter)
         (nodules if diameter >= MIN_NODULE_MM else ignore).append(box)
     return nodules, ignore
+
+
+def made_by_lungnode(path: Path) -> str | None:
+    """Where an SR/SEG names lungnode as its maker (None if nowhere): its Manufacturer, the SEG's
+    segmentation algorithm (name or source) or the SR's device observer (manufacturer, name, model)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    algorithms = {f"{a.AlgorithmName} {a.get('AlgorithmSource', '')}": None for s in ds.get("SegmentSequence", [])
+                  for a in s.get("SegmentationAlgorithmIdentificationSequence", [])}  # ordered, once each
+    names = {
+        "Manufacturer": str(ds.get("Manufacturer", "")),
+        "segmentation algorithm": " ".join(algorithms),
+        "device observer": " ".join(_device_names(ds)),
+    }
+    for where, name in names.items():
+        if OWN_OUTPUT.search(name):
+            return f"{where} {name.strip()!r}"
+    return None
+
+
+def _device_names(dataset: pydicom.Dataset):
+    for item in dataset.get("ContentSequence", []):
+        name = item.get("ConceptNameCodeSequence", [None])[0]
+        if name is not None and name.CodeValue in _DEVICE_NAMES and "TextValue" in item:
+            yield str(item.TextValue)
+        yield from _device_names(item)
 
 
 def _diameter_mm(group) -> float | None:
@@ -207,6 +239,10 @@ def import_dicom_objects(index: ImageIndex, *, finding: str = FINDING, accept_de
             what = str(obj.instance.path)
             if scan is not None:
                 result.skip(what, f"{obj.instance.modality}: superseded by another object for the same CT")
+                continue
+            own = made_by_lungnode(obj.instance.path)
+            if own is not None:
+                result.skip(what, f"{obj.instance.modality}: lungnode's own output ({own}), never ground truth")
                 continue
             try:
                 if obj.instance.modality == "SEG":
