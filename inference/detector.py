@@ -234,7 +234,8 @@ def configure_for_inference(detector, settings: InferenceSettings):
         detections_per_img=settings.detections_per_image,
     )
     detector.set_sliding_window_inferer(
-        roi_size=list(settings.roi_size), sw_batch_size=1, overlap=settings.overlap, mode="constant"
+        roi_size=list(settings.roi_size), sw_batch_size=settings.sw_batch_size, overlap=settings.overlap,
+        mode="constant"
     )
     return detector.eval()
 

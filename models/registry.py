@@ -52,6 +52,9 @@ class InferenceSettings(BaseModel):
     patch_size: tuple[int, int, int]  # training patch, model voxels (i, j, k)
     roi_size: tuple[int, int, int]  # sliding window, model voxels (i, j, k)
     overlap: float
+    # Windows per network call: PyTorch runs 3D convolutions through oneDNN only for batches > 1 (a single
+    # window takes its slow reference path), and ONNX Runtime gains a little too; same results either way.
+    sw_batch_size: int = 2
     score_threshold: float
     nms_threshold: float
     topk_candidates_per_level: int

@@ -44,6 +44,7 @@ INFERENCE = InferenceSettings(
     window_hu=(-1024.0, 300.0),
     patch_size=(192, 192, 80),  # train.json
     roi_size=(512, 512, 192),
+    sw_batch_size=1,  # one 512 x 512 x 192 window at a time (GPU memory)
     overlap=0.25,
     score_threshold=0.02,
     nms_threshold=0.22,

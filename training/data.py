@@ -140,7 +140,8 @@ def cache_phantom(cache_dir: Path, seed: int, ps: PhantomSettings, inf: Inferenc
 
 
 def _preprocessing(inf: InferenceSettings) -> dict:
-    return inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm"})
+    """The settings that change a prepared image (the cache key); detection-only ones are left out."""
+    return inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm", "sw_batch_size"})
 
 
 def build_scan_cache(cache_root: Path, scans: list[tuple[Path, list[list[float]]]], inf: InferenceSettings) -> list[Path]:
