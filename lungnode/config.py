@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     max_pixel_spacing_mm: float = 1.5
     # Detection.
     model: str = "default"
-    backend: str = "onnxruntime"  # or "torch" (for comparison)
+    backend: str = "onnxruntime"  # or "torch": oneDNN makes it the faster one on some CPUs (README)
     threads: int = 0  # 0 = all cores
     # Delivery of results.
     send_retry_first_seconds: float = 5.0
