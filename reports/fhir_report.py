@@ -9,16 +9,19 @@ What is in it, and why:
   imagingStudy the ImagingStudy, result the nodule Observations.
 * Patient and ImagingStudy are only created when the server has none with the same identifier (the
   DICOM Patient ID; the Study Instance UID as urn:dicom:uid): they belong to the EHR and the PACS.
-* One Observation per nodule (code SCT Nodule, body site SCT Lung) with components diameter (UCUM mm),
+* One Observation per nodule, contained in the DiagnosticReport (code SCT Nodule, body site SCT Lung), with
+  components diameter (UCUM mm),
   certainty of finding (DCM 111012, UCUM 1), the centre x/y/z in DICOM patient coordinates (LPS, mm),
   the source slice (SOP Instance UID), its Instance Number (and frame, multi-frame); device = the model.
 * The model is a Device (identifier = the SR's device observer UID). R4 allows no Device as
   DiagnosticReport.performer, so it is the Observations' device, and the conclusion names it.
 
-No duplicates on a resend: every resource carries a deterministic identifier and is sent as a
-conditional create (ifNoneExist), except the DiagnosticReport, one per study, which is a conditional
-update: a re-processed study (new version) updates the same report, whose history keeps the old one.
-Observations of an older version stay on the server but the report no longer lists them.
+No duplicates on a resend: Patient, ImagingStudy and Device carry deterministic identifiers and are sent
+as conditional creates (ifNoneExist); the DiagnosticReport, one per study, is a conditional update: a
+re-processed study (new version) updates the same report, whose history keeps the old one. The nodule
+Observations are contained in the report, so its findings are replaced with it, and the transaction keeps
+four entries whatever the number of nodules (servers cap transactions that need strict isolation: Medplum
+at 8 entries).
 
 The resources are checked with fhir.resources' R4B models (PyPI has no pydantic-2 release of the R4
 models); every element used here is the same in R4 and R4B.
@@ -52,11 +55,11 @@ def build_bundle(facts: ReportFacts, patient_system: str) -> Bundle:
     if facts.patient.id:  # without one there is no Patient to name, and ImagingStudy needs a subject
         patient_ref = _add(entries, _patient(facts, patient_system))
         study_ref = _add(entries, _imaging_study(facts, patient_ref))
-    results = []
+    observations = []
     if facts.nodules:
         device_ref = _add(entries, _device(facts))
-        results = [_add(entries, _observation(facts, n, patient_ref, study_ref, device_ref)) for n in facts.nodules]
-    _add(entries, _diagnostic_report(facts, patient_ref, study_ref, results), update=True)
+        observations = [_observation(facts, n, patient_ref, study_ref, device_ref) for n in facts.nodules]
+    _add(entries, _diagnostic_report(facts, patient_ref, study_ref, observations), update=True)
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 
 
@@ -66,7 +69,7 @@ def bundle_json(facts: ReportFacts, patient_system: str) -> str:
 
 
 def _diagnostic_report(facts: ReportFacts, patient_ref: dict | None, study_ref: dict | None,
-                       results: list[dict]) -> dict:
+                       observations: list[dict]) -> dict:
     report = {
         "resourceType": "DiagnosticReport",
         "identifier": [_uid_identifier(_uid(facts.study_uid, "diagnostic-report"))],
@@ -85,8 +88,9 @@ def _diagnostic_report(facts: ReportFacts, patient_ref: dict | None, study_ref: 
         report["imagingStudy"] = [study_ref]
     if effective := _effective(facts):
         report["effectiveDateTime"] = effective
-    if results:
-        report["result"] = results
+    if observations:
+        report["contained"] = observations
+        report["result"] = [{"reference": f"#{o['id']}"} for o in observations]
     return report
 
 
@@ -106,6 +110,7 @@ def _observation(facts: ReportFacts, n: NoduleFacts, patient_ref: dict | None, s
         components.append({"code": _concept(codes.DCM.ReferencedFrames), "valueInteger": n.slice_frame_number})
     observation = {
         "resourceType": "Observation",
+        "id": f"n{n.number}",
         "identifier": [_uid_identifier(_uid(facts.study_uid, f"v{facts.version}", f"N{n.number}"))],
         "status": "final",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",

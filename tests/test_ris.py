@@ -201,8 +201,8 @@ def test_a_frame_of_a_multiframe_slice_is_named_in_both_reports(ct):
     facts = replace(facts, nodules=[facts.nodules[0], replace(facts.nodules[1], slice_frame_number=17)])
     groups = obx_groups(hl7.parse(build_oru(facts)))
     assert "121190" not in groups["1"] and groups["2"]["121190"] == "17"  # DCM Referenced Frames
-    observations = entries(bundle_json(facts, "urn:x"))["Observation"]
-    frames = [[c.get("valueInteger") for c in o["resource"]["component"] if c["code"].get("coding", [{}])[0].get(
+    observations = contained_observations(bundle_json(facts, "urn:x"))
+    frames = [[c.get("valueInteger") for c in o["component"] if c["code"].get("coding", [{}])[0].get(
         "code") == "121190"] for o in observations]
     assert frames == [[], [17]]
 
@@ -265,6 +265,11 @@ def entries(bundle_text: str) -> dict[str, list[dict]]:
     return out
 
 
+def contained_observations(bundle_text: str) -> list[dict]:
+    """The nodule Observations, contained in the bundle's DiagnosticReport."""
+    return entries(bundle_text)["DiagnosticReport"][0]["resource"].get("contained", [])
+
+
 def test_fhir_bundle_validates_and_has_one_observation_per_nodule(ct):
     files, volume, header = ct
     text = bundle_json(facts_for(ct, 3), "urn:oid:1.2.3.4.5")
@@ -276,11 +281,11 @@ def test_fhir_bundle_validates_and_has_one_observation_per_nodule(ct):
     assert report["resource"]["code"]["coding"][0]["code"] == "24627-2"
     assert report["request"]["method"] == "PUT" and report["request"]["url"].startswith("DiagnosticReport?identifier=")
     assert report["resource"]["basedOn"][0]["identifier"]["value"] == "ACC1"
-    observations = by_type["Observation"]
-    assert len(observations) == 3
-    assert [r["reference"] for r in report["resource"]["result"]] == [o["fullUrl"] for o in observations]
-    for o, detection in zip(observations, detections_in(volume, 3)):
-        r = o["resource"]
+    assert "Observation" not in by_type  # contained in the report: four entries whatever the nodule count
+    observations = report["resource"]["contained"]
+    assert len(observations) == 3 and len(by_type) == 4
+    assert [r["reference"] for r in report["resource"]["result"]] == [f"#{o['id']}" for o in observations]
+    for r, detection in zip(observations, detections_in(volume, 3)):
         assert r["bodySite"]["coding"][0]["code"] == "39607008"  # SCT Lung
         diameter = r["component"][0]["valueQuantity"]
         assert (diameter["value"], diameter["system"], diameter["code"]) == (
@@ -292,20 +297,20 @@ def test_fhir_bundle_validates_and_has_one_observation_per_nodule(ct):
     assert patient["resource"]["identifier"] == [{"system": "urn:oid:1.2.3.4.5", "value": "RX-TEST"}]
     study = by_type["ImagingStudy"][0]
     assert study["resource"]["identifier"][0] == {"system": DICOM_UID, "value": f"urn:oid:{volume.study_instance_uid}"}
-    for kind in ("Patient", "ImagingStudy", "Device", "Observation"):  # created only if not there yet
+    for kind in ("Patient", "ImagingStudy", "Device"):  # created only if not there yet
         for e in by_type[kind]:
             ident = e["resource"]["identifier"][0]
             condition = "identifier=" + quote(f"{ident['system']}|{ident['value']}", safe="")
             assert e["request"] == {"method": "POST", "url": kind, "ifNoneExist": condition}
-    again = entries(bundle_json(facts_for(ct, 3), "urn:oid:1.2.3.4.5"))["Observation"]
-    assert [e["resource"]["identifier"] for e in again] == [e["resource"]["identifier"] for e in observations]
+    again = contained_observations(bundle_json(facts_for(ct, 3), "urn:oid:1.2.3.4.5"))
+    assert [o["identifier"] for o in again] == [o["identifier"] for o in observations]
 
 
 def test_not_processed_fhir_report_is_cancelled_with_the_reason(ct):
     by_type = entries(bundle_json(facts_for(ct, 0, reason="no eligible CT series: too few slices"), "urn:x"))
     report = by_type["DiagnosticReport"][0]["resource"]
     assert report["status"] == "cancelled" and "too few slices" in report["conclusion"]
-    assert "Observation" not in by_type and "result" not in report
+    assert "contained" not in report and "result" not in report
 
 
 def test_study_without_patient_id_still_reports_without_a_patient(ct):
@@ -316,23 +321,24 @@ def test_study_without_patient_id_still_reports_without_a_patient(ct):
     text = bundle_json(facts, "urn:x")
     Bundle.model_validate_json(text)
     by_type = entries(text)
-    assert sorted(by_type) == ["Device", "DiagnosticReport", "Observation"]  # no Patient to name
+    assert sorted(by_type) == ["Device", "DiagnosticReport"]  # no Patient to name
     assert "subject" not in by_type["DiagnosticReport"][0]["resource"]
 
 
 def test_fhir_server_takes_the_bundle_and_a_resend_or_new_version_duplicates_nothing(ct, fhir_server):
     v1 = bundle_json(facts_for(ct, 3), "urn:x").encode()
     answer = post_bundle(fhir_server, v1, timeout=30)
-    assert [e["response"]["status"][:3] for e in answer["entry"]] == ["201"] * 7
+    assert [e["response"]["status"][:3] for e in answer["entry"]] == ["201"] * 4
     post_bundle(fhir_server, v1, timeout=30)  # the same again: a resend
-    counts = {t: len(fhir_search(fhir_server, t)) for t in ("Patient", "ImagingStudy", "Device", "Observation",
-                                                           "DiagnosticReport")}
-    assert counts == {"Patient": 1, "ImagingStudy": 1, "Device": 1, "Observation": 3, "DiagnosticReport": 1}
+    counts = {t: len(fhir_search(fhir_server, t)) for t in ("Patient", "ImagingStudy", "Device", "DiagnosticReport")}
+    assert counts == {"Patient": 1, "ImagingStudy": 1, "Device": 1, "DiagnosticReport": 1}
+    (stored,) = fhir_search(fhir_server, "DiagnosticReport")
+    assert len(stored["contained"]) == 3 and [r["reference"] for r in stored["result"]] == ["#n1", "#n2", "#n3"]
 
     post_bundle(fhir_server, bundle_json(facts_for(ct, 1, version=2), "urn:x").encode(), timeout=30)
     ident = entries(v1.decode())["DiagnosticReport"][0]["resource"]["identifier"][0]
     (report,) = fhir_search(fhir_server, "DiagnosticReport", identifier=f"{ident['system']}|{ident['value']}")
-    assert len(report["result"]) == 1 and "version 2" in report["conclusion"]
+    assert len(report["result"]) == 1 and len(report["contained"]) == 1 and "version 2" in report["conclusion"]
     (patient,) = fhir_search(fhir_server, "Patient", identifier="urn:x|RX-TEST")
     assert report["subject"]["reference"] == f"Patient/{patient['id']}"
 
@@ -412,7 +418,7 @@ def test_node_reports_to_ris_once_despite_crash_ris_down_and_restart(tmp_path):
             assert deliveries()["fhir"]["destination"] == f"FHIR {fhir}"
             (report,) = fhir_search(fhir, "DiagnosticReport")
             assert report["status"] == "final" and len(report["result"]) == len(detections)
-            assert len(fhir_search(fhir, "Observation")) == len(detections)
+            assert len(report["contained"]) == len(detections)
 
         node.stop()
         node.start()  # a restart after delivery sends nothing again
@@ -425,8 +431,8 @@ def test_node_reports_to_ris_once_despite_crash_ris_down_and_restart(tmp_path):
                  node.study(study_uid)["deliveries"]), 60, "the resend", interval=0.5)
         assert ris.messages() == [text, text]  # the same bytes: MSH-10 tells the RIS it is a resend
         if fhir:
-            assert len(fhir_search(fhir, "DiagnosticReport")) == 1
-            assert len(fhir_search(fhir, "Observation")) == len(detections)
+            (report,) = fhir_search(fhir, "DiagnosticReport")
+            assert len(report["contained"]) == len(detections)
 
 
 def test_facts_refuse_detections_without_their_volume(ct):
