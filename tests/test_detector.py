@@ -90,8 +90,10 @@ def test_world_coordinates_do_not_depend_on_slice_order(phantom, ort_detections,
         near = [x for x in ort_detections if np.linalg.norm(np.subtract(x.center_mm, c)) <= d / 2]
         near_again = [x for x in again if np.linalg.norm(np.subtract(x.center_mm, c)) <= d / 2]
         if near:
+            # The network is not exactly equivariant to a flipped input (nor is the resampling grid), so the
+            # two centres differ by a voxel or two; a geometry error would put them a nodule apart.
             best, best_again = near[0], near_again[0]
-            assert np.linalg.norm(np.subtract(best.center_mm, best_again.center_mm)) < 3.0
+            assert np.linalg.norm(np.subtract(best.center_mm, best_again.center_mm)) < max(3.0, d / 4)
 
 
 def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, ort_detections):
