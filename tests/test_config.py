@@ -5,6 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from lungnode.config import DEFAULT_CONFIG, Settings
+from lungnode.training.fit import load_config
+from tests.conftest import REPO
 
 
 def test_documented_environment_variables_override_the_yaml(monkeypatch, tmp_path):
@@ -44,3 +46,11 @@ def test_malformed_pacs_address_is_a_clear_error(monkeypatch, bad):
     monkeypatch.setenv("LUNGNODE_PACS", bad)
     with pytest.raises(ValidationError, match="AET@host:port"):
         Settings()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("train_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_training_config_is_valid(path):
+    """The recipes the README and the model cards point to parse, and each trains on something."""
+    cfg = load_config(path)
+    assert cfg.seeds() or cfg.datalists
+    assert cfg.init_weights is None or (REPO / cfg.init_weights).is_file()
