@@ -163,10 +163,13 @@ class JobDB:
         with self._lock:
             return {r[0] for r in self._conn.execute("SELECT path FROM instances")}
 
-    def instance_paths(self, study_uid: str) -> list[Path]:
+    def instance_paths(self, study_uid: str, series_uid: str | None = None) -> list[Path]:
+        """The study's instance files, or only those of one series."""
+        sql, args = "SELECT path FROM instances WHERE study_uid=?", [study_uid]
+        if series_uid is not None:
+            sql, args = sql + " AND series_uid=?", args + [series_uid]
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT path FROM instances WHERE study_uid=? ORDER BY path", (study_uid,)).fetchall()
+            rows = self._conn.execute(sql + " ORDER BY path", args).fetchall()
         return [Path(r[0]) for r in rows]
 
     # --- study state machine -------------------------------------------------------------------
@@ -263,6 +266,13 @@ class JobDB:
             rows = self._conn.execute(
                 "SELECT * FROM deliveries WHERE study_uid=? ORDER BY id", (study_uid,)).fetchall()
         return [_delivery(r) for r in rows]
+
+    def pending_by_study(self) -> dict[str, int]:
+        """Pending deliveries per study, in one query (the worklist polls it)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT study_uid, COUNT(*) FROM deliveries WHERE state=? GROUP BY study_uid",
+                                      (PENDING,)).fetchall()
+        return {r[0]: r[1] for r in rows}
 
     def pending_count(self) -> int:
         with self._lock:

@@ -13,7 +13,7 @@ from lungnode.dicom_node.db import PENDING, Delivery, Study
 from lungnode.inference.types import DetectionResult
 from lungnode.metrics import job_metrics
 from lungnode.node import Node
-from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, key_image_png
+from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, build_view, key_image_png
 from lungnode.web.pages import add_pages
 from lungnode.web.results import key_image_files, load_result, version_dir
 
@@ -101,19 +101,23 @@ def create_app(node: Node) -> FastAPI:
             raise HTTPException(404, f"no study {study_uid}")
         return s
 
-    def summary(s: Study, deliveries: list[Delivery]) -> dict:
-        return {**asdict(s), "pending_deliveries": sum(d.state == PENDING for d in deliveries)}
+    def summary(s: Study, pending: int) -> dict:
+        return {**asdict(s), "pending_deliveries": pending}
 
     def series_view(study_uid: str) -> SeriesView:
         s = study_or_404(study_uid)
-        result = load_result(version_dir(results_root, study_uid, s.version))
-        if result is None or result.series_instance_uid is None or result.not_processed_reason:
-            raise HTTPException(404, "no processed series for this study")
-        try:
-            return views.get(study_uid, s.version, node.db.instance_paths(study_uid), result.series_instance_uid,
-                             result.detections)
-        except FileNotFoundError as exc:
-            raise HTTPException(404, str(exc)) from exc
+
+        def load() -> SeriesView:  # only when the view is not cached
+            result = load_result(version_dir(results_root, study_uid, s.version))
+            if result is None or result.series_instance_uid is None or result.not_processed_reason:
+                raise HTTPException(404, "no processed series for this study")
+            paths = node.db.instance_paths(study_uid, result.series_instance_uid)
+            try:
+                return build_view(paths, result.series_instance_uid, result.detections)
+            except FileNotFoundError as exc:
+                raise HTTPException(404, str(exc)) from exc
+
+        return views.get(study_uid, s.version, load)
 
     @app.get("/health", summary="Liveness, identity and the delivery backlog", response_model=Health)
     def health() -> dict:
@@ -124,7 +128,8 @@ def create_app(node: Node) -> FastAPI:
     @app.get("/api/studies", summary="Every study the node has seen, newest first",
              response_model=list[StudySummary])
     def studies() -> list[dict]:
-        return [summary(s, node.db.deliveries(s.study_uid)) for s in node.db.studies()]
+        pending = node.db.pending_by_study()
+        return [summary(s, pending.get(s.study_uid, 0)) for s in node.db.studies()]
 
     @app.get("/api/studies/{study_uid}", summary="One study: state, latest results, key images, deliveries",
              response_model=StudyDetail)
@@ -133,7 +138,7 @@ def create_app(node: Node) -> FastAPI:
         deliveries = node.db.deliveries(study_uid)
         directory = version_dir(results_root, study_uid, s.version)
         base = f"/api/studies/{study_uid}/key-images"
-        return {**summary(s, deliveries), "result": load_result(directory),
+        return {**summary(s, sum(d.state == PENDING for d in deliveries)), "result": load_result(directory),
                 "deliveries": [delivery_out(d) for d in deliveries],
                 "key_images": [KeyImage(number=n, url=f"{base}/{n}", thumbnail_url=f"{base}/{n}?size=256")
                                for n in sorted(key_image_files(directory))]}

@@ -22,26 +22,16 @@ from lungnode.reports.source_refs import findings_of
 from lungnode.reports.sr import build_sr
 
 SERIES_NUMBER_BASE = 9000  # high, so AI series sort after the acquired ones
+# Each result kind's series: number = SERIES_NUMBER_BASE + 10 * version + offset, and its description.
+SERIES = {"sr": (0, "nodules"), "key images": (1, "key images"), "gsps": (2, "nodule marks"),
+          "kos": (3, "key objects"), "seg": (4, "nodule masks")}
 
 
-def sr_series_number(version: int) -> int:
-    return SERIES_NUMBER_BASE + 10 * version
-
-
-def key_image_series_number(version: int) -> int:
-    return SERIES_NUMBER_BASE + 10 * version + 1
-
-
-def gsps_series_number(version: int) -> int:
-    return SERIES_NUMBER_BASE + 10 * version + 2
-
-
-def kos_series_number(version: int) -> int:
-    return SERIES_NUMBER_BASE + 10 * version + 3
-
-
-def seg_series_number(version: int) -> int:
-    return SERIES_NUMBER_BASE + 10 * version + 4
+def new_series(kind: str, version: int) -> dict:
+    """A new series of ``kind`` for results ``version``: the builders' series keyword arguments."""
+    offset, label = SERIES[kind]
+    return {"series_instance_uid": hd.UID(), "series_number": SERIES_NUMBER_BASE + 10 * version + offset,
+            "series_description": f"lungnode AI {label} v{version}"}
 
 
 def build_results(
@@ -73,68 +63,20 @@ def build_results(
     has_findings = result.not_processed_reason is None and bool(result.detections) and volume is not None
     findings = findings_of(volume, result.detections) if has_findings else []
     common = {"manufacturer": manufacturer, "institution": institution}
-    sr = build_sr(
-        result,
-        volume,
-        source,
-        findings,
-        series_instance_uid=hd.UID(),
-        series_number=sr_series_number(version),
-        series_description=f"lungnode AI nodules v{version}",
-        **common,
-    )
+    sr = build_sr(result, volume, source, findings, **new_series("sr", version), **common)
     if not has_findings:
         return _dated([sr])
-    key_series_uid = hd.UID()
+    key_series = new_series("key images", version)  # one series for all of them
     key_images = [
-        build_key_image(
-            volume,
-            finding.detection,
-            finding.number,
-            source,
-            series_instance_uid=key_series_uid,
-            series_number=key_image_series_number(version),
-            series_description=f"lungnode AI key images v{version}",
-            model_name=result.model.name,
-            software_version=result.model.version,
-            **common,
-        )
+        build_key_image(volume, finding.detection, finding.number, source, **key_series,
+                        model_name=result.model.name, software_version=result.model.version, **common)
         for finding in findings
     ]
-    gsps = build_gsps(
-        findings,
-        volume,
-        source,
-        result.model,
-        series_instance_uid=hd.UID(),
-        series_number=gsps_series_number(version),
-        series_description=f"lungnode AI nodule marks v{version}",
-        **common,
-    )
-    seg = build_seg(
-        findings,
-        volume,
-        source,
-        result.model,
-        series_instance_uid=hd.UID(),
-        series_number=seg_series_number(version),
-        series_description=f"lungnode AI nodule masks v{version}",
-        **common,
-    )
-    kos = build_kos(
-        findings,
-        volume,
-        source,
-        result.model,
-        sr=sr,
-        gsps=gsps,
-        seg=seg,
-        key_images=key_images,
-        series_instance_uid=hd.UID(),
-        series_number=kos_series_number(version),
-        series_description=f"lungnode AI key objects v{version}",
-        **common,
-    )
+    overlay = (findings, volume, source, result.model)
+    gsps = build_gsps(*overlay, **new_series("gsps", version), **common)
+    seg = build_seg(*overlay, **new_series("seg", version), **common)
+    kos = build_kos(*overlay, sr=sr, gsps=gsps, seg=seg, key_images=key_images, **new_series("kos", version),
+                    **common)
     return _dated([sr, *key_images, gsps, *([seg] if seg is not None else []), kos])
 
 

@@ -9,12 +9,12 @@ import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
 from PIL import Image
 
-from lungnode.inference.series_selection import select_series
 from lungnode.inference.types import Detection, Volume
 from lungnode.inference.volume import load_volume
 from lungnode.reports.key_images import LUNG_WINDOW_HU, box_pixels, centre_slice_index
@@ -74,29 +74,27 @@ def nodule_mark(volume: Volume, detection: Detection, number: int) -> NoduleMark
 
 
 def build_view(paths: list[Path], series_uid: str, detections: list[Detection]) -> SeriesView:
-    """Load the processed series out of the study's instances and window it."""
-    chosen = next((c for c in select_series(paths).candidates if c.series_instance_uid == series_uid), None)
-    if chosen is None:
+    """Load the processed series (its instance files) and window it."""
+    if not paths:
         raise FileNotFoundError(f"series {series_uid} is no longer among the received images")
-    volume = load_volume(chosen.paths)
+    volume = load_volume(paths)
     return SeriesView(series_uid=series_uid, grey=lung_window(volume.hu), spacing_mm=volume.spacing,
                       nodules=[nodule_mark(volume, d, n) for n, d in enumerate(detections, start=1)])
 
 
 class SeriesViews:
     """The last few series views, keyed by (study, results version); loads each once even when the
-    slider asks for many slices at the same moment."""
+    slider asks for many slices at the same moment, and a cached view costs no file or database work."""
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._views: dict[tuple[str, int], SeriesView] = {}
         self._lock = threading.Lock()
 
-    def get(self, study_uid: str, version: int, paths: list[Path], series_uid: str,
-            detections: list[Detection]) -> SeriesView:
+    def get(self, study_uid: str, version: int, load: Callable[[], SeriesView]) -> SeriesView:
         key = (study_uid, version)
         with self._lock:
-            view = self._views.pop(key, None) or build_view(paths, series_uid, detections)
+            view = self._views.pop(key, None) or load()
             self._views[key] = view  # most recently used last
             while len(self._views) > self.keep:
                 self._views.pop(next(iter(self._views)))
