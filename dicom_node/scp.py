@@ -1,13 +1,13 @@
 """The DICOM listener (SCP): C-ECHO and C-STORE of CT images, with the caller allow-list.
 
-Every instance is written durably and indexed before Success goes back; a file we cannot parse gets a
-failure status and is kept in quarantine; a full disk answers "out of resources" so the PACS retries.
+Every instance is journalled durably before Success goes back, then filed and indexed; a file we cannot
+parse gets a failure status (with the reason as Error Comment) and is kept in quarantine; a full disk
+answers "out of resources" so the PACS retries. The association layer is `receiver.Acceptor`.
 """
 from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
@@ -27,7 +27,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (
 from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
 from lungnode.dicom_node.journal import IngestJournal
+from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
 from lungnode.dicom_node.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,6 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
-@dataclass(frozen=True)
-class StoreOutcome:
-    status: int
-    message: str = ""
-
-
 class StorageSCP:
     """Accepts CT instances from the PACS and hands them to durable storage and the job index."""
 
@@ -68,39 +63,34 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.db = db
-        self._server = None
-        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance)
-        self.ae = AE(ae_title=settings.ae_title)
-        self.ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from the sender
-        if settings.allowed_callers:
-            self.ae.require_calling_aet = list(settings.allowed_callers)
-        self.ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self._server: Acceptor | None = None
+        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync)
+        contexts = [build_context(Verification)]
+        contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
+        self.policy = AcceptorPolicy(ae_title=settings.ae_title, contexts=contexts,
+                                     allowed_callers=frozenset(settings.allowed_callers))
 
     def start(self) -> None:
         self.journal.replay()
         self.journal.start()
-        handlers = [(evt.EVT_C_ECHO, lambda event: SUCCESS), (evt.EVT_C_STORE, self._on_store)]
-        self._server = self.ae.start_server(
-            (self.settings.dicom_host, self.settings.dicom_port), block=False, evt_handlers=handlers)
+        self._server = Acceptor((self.settings.dicom_host, self.settings.dicom_port), self.policy, self._on_store)
+        self._server.start()
         log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.dicom_host,
                  self.settings.dicom_port)
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
         self.journal.stop()
 
-    def _on_store(self, event: evt.Event) -> tuple[int, object] | int:
-        caller = event.assoc.requestor.ae_title
-        outcome = self.accept(event.encoded_dataset(), caller, event.request.AffectedSOPInstanceUID)
+    def _on_store(self, request: StoreRequest) -> StoreStatus:
+        outcome = self.accept(request.file_bytes, request.calling_ae, request.sop_instance_uid)
         if outcome.status != SUCCESS:
-            log.warning("C-STORE from %s refused (0x%04X): %s", caller, outcome.status, outcome.message)
-        return outcome.status
+            log.warning("C-STORE from %s refused (0x%04X): %s", request.calling_ae, outcome.status, outcome.comment)
+        return outcome
 
-    def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreOutcome:
+    def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreStatus:
         """Check the header, journal the bytes as sent; they are filed and indexed in the background."""
         try:
             ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
@@ -119,19 +109,20 @@ class StorageSCP:
             self.journal.append(data, caller)
         except OSError as exc:
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
-            return StoreOutcome(OUT_OF_RESOURCES, f"{kind}: {exc}")
-        return StoreOutcome(SUCCESS)
+            return StoreStatus(OUT_OF_RESOURCES, f"{kind}: {exc}")
+        return StoreStatus(SUCCESS)
 
     def file_instance(self, data: bytes, caller: str) -> None:
-        """Write one journalled instance to its own file (durably) and index it."""
+        """Write one journalled instance to its own file and index it (the journal flushes the files)."""
         ds = dcmread(BytesIO(data), defer_size=1024)
-        stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
+        stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data,
+                                  durable=False)
         self.db.record_instance(InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller))
 
-    def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreOutcome:
+    def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreStatus:
         try:
             kept = self.store.keep_rejected(data, caller, reason)
             reason = f"{reason} (kept as {kept})"
         except OSError as exc:
             reason = f"{reason} (could not keep it: {exc})"
-        return StoreOutcome(status, reason)
+        return StoreStatus(status, reason)

@@ -1,7 +1,12 @@
-"""Durable instance storage: a received instance is on disk (fsynced, renamed into place) before we
-answer Success, so a crash or power cut after the acknowledgement never loses it."""
+"""Instance storage: one file per instance, renamed into place whole.
+
+Received instances reach here from the ingest journal, which made them durable before Success went
+back; the store writes them without a flush each and `sync` makes a whole batch durable at once
+before the journal lets go of them.
+"""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -26,8 +31,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory."""
+def write_durably(path: Path, data: bytes | memoryview, durable: bool = True) -> None:
+    """Write to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
+
+    ``durable=False`` skips both flushes (the rename still makes the file appear whole or not at all)
+    for callers that flush a batch with `sync_filesystem`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -35,14 +44,36 @@ def write_durably(path: Path, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fdatasync(fd)
+        if durable:
+            os.fdatasync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush every file and directory written on the filesystem holding `path`: one journal commit for
+    a batch of files, where fsync per file and per directory costs one each. Raises OSError when the
+    kernel reports a write-back error (Linux >= 5.8)."""
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is None:  # not Linux
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def digest(data: bytes) -> str:
@@ -69,10 +100,14 @@ class InstanceStore:
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, durable: bool = True) -> StoredInstance:
+        """File one instance; with ``durable=False`` it is on disk only after the next `sync`."""
         path = self.path_for(study_uid, series_uid, sop_uid)
-        write_durably(path, data)
+        write_durably(path, data, durable)
         return StoredInstance(path=path, digest=digest(data), size=len(data))
+
+    def sync(self) -> None:
+        sync_filesystem(self.root)
 
     def keep_rejected(self, data: bytes, caller: str, reason: str) -> Path:
         """Keep a file we could not accept, with the reason beside it, for the admin to inspect."""

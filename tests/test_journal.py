@@ -59,3 +59,27 @@ def test_corrupt_record_stops_reading(tmp_path):
     raw[-10] ^= 0xFF  # a flipped bit in the second record
     segment.write_bytes(bytes(raw))
     assert [d for d, _ in read_records(segment)] == [b"a" * 100]
+
+
+def test_segments_are_kept_until_the_filed_copies_are_flushed(tmp_path):
+    import time
+
+    flushes: list[bool] = []
+    failing = [True]
+
+    def sync():
+        flushes.append(failing[0])
+        if failing[0]:
+            raise OSError(errno.EIO, "write-back error")
+
+    journal = IngestJournal(tmp_path, lambda d, c: None, sync=sync)
+    journal.start()
+    journal.append(b"x" * 100, "PACS")
+    deadline = time.monotonic() + 10
+    while not flushes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flushes == [True] and list(tmp_path.glob("seg-*.log"))  # filed, not yet durable: kept
+    failing[0] = False
+    journal.flush()
+    journal.stop()
+    assert flushes[-1] is False and list(tmp_path.glob("seg-*")) == []

@@ -108,6 +108,7 @@ def test_corrupt_file_gets_failure_status_is_quarantined_and_node_keeps_serving(
     broken.file_meta.TransferSyntaxUID = good.file_meta.TransferSyntaxUID
     status = assoc.send_c_store(broken)
     assert status.Status != 0x0000
+    assert "cannot parse" in status.ErrorComment  # the reason shows in the PACS's log
     ok = assoc.send_c_store(good)  # the same association still works
     assert ok.Status == 0x0000
     assoc.release()
@@ -224,3 +225,74 @@ def test_multiframe_enhanced_ct_is_received_selected_and_loaded(scp, small_ct_se
     assert np.allclose(volume.index_to_world([3, 5, 7]), reference.index_to_world([3, 5, 7]), atol=1e-3)
     assert np.array_equal(volume.hu, reference.hu)
     assert volume.slices[7].frame_number is not None
+
+
+def _associate(scp: StorageSCP, aet: str = "PACS"):
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    assert assoc.is_established
+    return assoc
+
+
+def test_association_dropped_mid_instance_keeps_nothing_and_node_keeps_serving(scp, small_ct_series):
+    import struct
+
+    assoc = _associate(scp)
+    raw = assoc.dul.socket.socket
+    # A C-STORE command, then the start of a data set PDU whose sender dies 1 kB into 100 kB.
+    ds = pydicom.dcmread(small_ct_series[0])
+    command = _c_store_command(ds)
+    raw.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
+    raw.sendall(struct.pack(">BxIIBB", 4, 100_006, 100_002, 1, 0x02) + b"\0" * 1000)
+    raw.shutdown(2)
+    assoc.abort()
+    assert storescu(scp, small_ct_series[1:3]).returncode == 0
+    stored = {pydicom.dcmread(f).SOPInstanceUID for f in stored_files(scp)}
+    assert len(stored) == 2 and ds.SOPInstanceUID not in stored  # only what was acknowledged
+    assert not list(scp.settings.quarantine_dir.glob("*.dcm"))
+
+
+def _c_store_command(ds) -> bytes:
+    from lungnode.dicom_node.receiver import encode_command
+
+    def ui(v):
+        b = str(v).encode()
+        return b + b"\0" if len(b) % 2 else b
+
+    import struct
+    return encode_command([(0x0002, ui(ds.SOPClassUID)), (0x0100, struct.pack("<H", 1)),
+                           (0x0110, struct.pack("<H", 1)), (0x0700, struct.pack("<H", 0)),
+                           (0x0800, struct.pack("<H", 0)), (0x1000, ui(ds.SOPInstanceUID))])
+
+
+def test_silent_association_is_aborted_and_busy_node_refuses_more(small_ct_series):
+    import socket
+
+    from pynetdicom.presentation import build_context
+
+    from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreStatus
+
+    policy = AcceptorPolicy(ae_title="LUNGNODE", contexts=[build_context(CTImageStorage)], max_associations=1,
+                            network_timeout=1.0)
+    server = Acceptor(("127.0.0.1", free_port()), policy, lambda request: StoreStatus(0x0000))
+    server.start()
+    try:
+        port = server.server_address[1]
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        first = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+        assert second.is_rejected  # one association at most: "local limit exceeded", try later
+        first.release()
+        silent = socket.create_connection(("127.0.0.1", port))  # connects, never speaks
+        silent.settimeout(10)
+        started = time.monotonic()
+        assert silent.recv(16)[:1] == bytes([7])  # A-ABORT after the network timeout
+        assert 0.9 < time.monotonic() - started < 5
+        third = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
+        assert third.is_established  # the slots were given back
+        third.release()
+    finally:
+        server.stop()
