@@ -80,6 +80,8 @@ class IngestJournal:
         self._next_id = max((int(p.stem.split("-")[1]) for p in self.dir.glob("seg-*.log")), default=0) + 1
         self._thread: threading.Thread | None = None
         self._last_append = 0.0
+        self._unfiled: dict[str, int] = {}  # key (the study) -> instances appended, not yet filed
+        self._filed = threading.Condition(self._lock)
 
     # --- startup -----------------------------------------------------------------------------
     def replay(self) -> int:
@@ -122,8 +124,15 @@ class IngestJournal:
             self._close_current()
 
     # --- receiving ---------------------------------------------------------------------------
-    def append(self, data: bytes, caller: str) -> None:
-        """Durably record one instance; raises OSError (e.g. disk full) with nothing half-written."""
+    def wait_filed(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until every instance appended under ``key`` is filed (readable in the store)."""
+        with self._filed:
+            return self._filed.wait_for(lambda: not self._unfiled.get(key), timeout)
+
+    def append(self, data: bytes, caller: str, key: str = "") -> None:
+        """Durably record one instance; raises OSError (e.g. disk full) with nothing half-written.
+
+        ``key`` (the study) lets `wait_filed` wait for just its instances."""
         meta = json.dumps({"caller": caller}).encode()
         head = HEAD.pack(MAGIC, len(meta), len(data), zlib.crc32(data, zlib.crc32(meta)))
         with self._lock:
@@ -144,9 +153,10 @@ class IngestJournal:
             self._last_append = time.monotonic()
             seg_id = self._current
             self._segments[seg_id].appended += 1
+            self._unfiled[key] = self._unfiled.get(key, 0) + 1
             if self._offset >= self.segment_bytes:
                 self._close_current()
-        self._queue.put((seg_id, data, caller))
+        self._queue.put((seg_id, data, caller, key))
 
     def _open_segment(self) -> None:
         seg_id = self._next_id
@@ -181,7 +191,7 @@ class IngestJournal:
             if item is None:
                 self._queue.task_done()
                 return
-            seg_id, data, caller = item
+            seg_id, data, caller, key = item
             self._wait_for_a_pause()
             delay = 0.5
             while True:
@@ -198,6 +208,11 @@ class IngestJournal:
                     with self._lock:
                         self._segments[seg_id].appended += 1  # never reaches filed == appended
                     break
+            with self._filed:
+                self._unfiled[key] -= 1
+                if not self._unfiled[key]:
+                    del self._unfiled[key]
+                self._filed.notify_all()
             if self._queue.empty() or sum(self._unsynced.values()) >= SYNC_BATCH:
                 self._flush_filed()
             self._queue.task_done()

@@ -146,7 +146,7 @@ class _Association:
         self.peer_max_pdu = 16384
 
     # --- wire ---------------------------------------------------------------------------------
-    def _read_exact(self, n: int) -> bytes:
+    def _read_exact(self, n: int) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -155,9 +155,9 @@ class _Association:
             if k == 0:
                 raise PeerGone("connection closed by the peer")
             got += k
-        return bytes(buf)
+        return buf
 
-    def _read_pdu(self) -> tuple[int, bytes]:
+    def _read_pdu(self) -> tuple[int, bytearray]:
         pdu_type, length = _HEADER.unpack(self._read_exact(_HEADER.size))
         if length > MAX_RECEIVE_PDU + 6 and pdu_type == P_DATA or length > 2**26:
             raise PeerGone(f"PDU of {length} bytes exceeds the negotiated maximum")
@@ -180,7 +180,7 @@ class _Association:
                 self._reject(REJECT_BUSY, "too many associations")
                 return
             try:
-                if self._associate(_HEADER.pack(pdu_type, len(body)) + body):
+                if self._associate(_HEADER.pack(pdu_type, len(body)) + bytes(body)):
                     self._serve()
             finally:
                 self.slots.release()
@@ -279,13 +279,13 @@ class _Association:
                     data += fragment
                     if not is_last:
                         continue
-                self._dispatch(context_id, cmd, bytes(data))
+                self._dispatch(context_id, cmd, data)
                 command.clear()
                 data = bytearray()
                 cmd = None
 
     # --- DIMSE ---------------------------------------------------------------------------------
-    def _dispatch(self, context_id: int, cmd, data: bytes) -> None:
+    def _dispatch(self, context_id: int, cmd, data: bytearray) -> None:
         field = cmd.CommandField
         if field == C_ECHO_RQ_FIELD:
             self._send_command(context_id, response_command(C_ECHO_RSP_FIELD, cmd.MessageID,

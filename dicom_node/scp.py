@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 from io import BytesIO
 
 from pydicom import dcmread
@@ -39,7 +40,7 @@ from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
 from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
-from lungnode.dicom_node.storage import InstanceStore
+from lungnode.dicom_node.storage import InstanceStore, digest
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class StorageSCP:
         return outcome
 
     def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreStatus:
-        """Check the header, journal the bytes as sent; they are filed and indexed in the background."""
+        """Check the header, journal the bytes as sent and index the instance; filed in the background."""
         try:
             ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
             missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
@@ -105,15 +106,22 @@ class StorageSCP:
                                 f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             return self._reject(data, caller, DATASET_MISMATCH, "the image has no pixel data")
+        record = InstanceRecord.from_header(ds, self.store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                                                  sop_uid), digest(data), len(data), caller)
         try:
-            self.journal.append(data, caller)
+            self.journal.append(data, caller, key=record.study_uid)
         except OSError as exc:
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
             return StoreStatus(OUT_OF_RESOURCES, f"{kind}: {exc}")
+        try:
+            self.db.record_instance(record)
+        except sqlite3.Error as exc:  # journalled: it is filed and indexed in the background all the same
+            log.error("cannot index %s now (%s); the journal files and indexes it later", sop_uid, exc)
         return StoreStatus(SUCCESS)
 
     def file_instance(self, data: bytes, caller: str) -> None:
-        """Write one journalled instance to its own file and index it (the journal flushes the files)."""
+        """Write one journalled instance to its own file; index it unless `accept` did (an identical
+        record changes nothing), as after a restart. The journal flushes the files."""
         ds = dcmread(BytesIO(data), defer_size=1024)
         stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data,
                                   durable=False)

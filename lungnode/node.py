@@ -106,6 +106,7 @@ class Node:
         rules = SelectionRules(s.min_slices, s.max_slice_spacing_mm, s.max_pixel_spacing_mm)
         parties = MessageParties(s.hl7_sending_application, s.hl7_sending_facility, s.hl7_receiving_application,
                                  s.hl7_receiving_facility)
+        self.scp.journal.wait_filed(study_uid)  # indexed on receipt, filed just after
         outcome = process_study(study_uid, self.db.instance_paths(study_uid), version, self.detector, rules,
                                 s.results_dir, parties=parties, fhir_patient_system=s.fhir_patient_system)
         r = outcome.result
