@@ -296,3 +296,13 @@ def test_silent_association_is_aborted_and_busy_node_refuses_more(small_ct_serie
         third.release()
     finally:
         server.stop()
+
+
+def test_instance_is_indexed_when_acknowledged_and_filed_soon_after(scp, small_ct_series):
+    ds = pydicom.dcmread(small_ct_series[0])
+    assoc = _associate(scp)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    (path,) = scp.db.instance_paths(str(ds.StudyInstanceUID))  # in the index as soon as Success is back
+    assoc.release()
+    assert scp.journal.wait_filed(str(ds.StudyInstanceUID), timeout=10)
+    assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
