@@ -192,11 +192,18 @@ class _Association:
             log.info("association from %s ended: %s", self.calling_ae or "?", exc)
         except OSError as exc:
             log.warning("association from %s: network error: %s", self.calling_ae or "?", exc)
+        except Exception:  # a malformed command set or the like: this association ends, the node serves on
+            log.exception("association from %s: protocol error, aborted", self.calling_ae or "?")
+            self._abort()
 
     def _associate(self, pdu_bytes: bytes) -> bool:
         pdu = A_ASSOCIATE_RQ()
-        pdu.decode(pdu_bytes)
-        rq = pdu.to_primitive()
+        try:
+            pdu.decode(pdu_bytes)
+            rq = pdu.to_primitive()
+        except Exception as exc:  # pynetdicom raises assorted errors on garbage
+            self._abort()
+            raise PeerGone(f"unreadable A-ASSOCIATE-RQ: {exc}") from exc
         self.calling_ae = rq.calling_ae_title.strip()
         if self.policy.allowed_callers and self.calling_ae not in self.policy.allowed_callers:
             self._reject(REJECT_CALLING_AE, f"calling AE title {self.calling_ae!r} is not allowed")

@@ -69,7 +69,9 @@ class StorageSCP:
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
         self.policy = AcceptorPolicy(ae_title=settings.ae_title, contexts=contexts,
-                                     allowed_callers=frozenset(settings.allowed_callers))
+                                     allowed_callers=frozenset(settings.allowed_callers),
+                                     max_associations=settings.max_associations,
+                                     network_timeout=settings.dicom_timeout_seconds)
 
     def start(self) -> None:
         self.journal.replay()

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     allowed_callers: Annotated[list[str], NoDecode] = []
     pacs: Annotated[DicomPeer | None, NoDecode] = None
     orthanc_url: str | None = None
+    dicom_timeout_seconds: float = 60.0  # an association silent this long is aborted
+    max_associations: int = 16  # more at once are refused ("busy, try later")
     stable_seconds: float = 30.0
     # Series selection: what a chest CT series must look like to be read.
     min_slices: int = 40

@@ -306,3 +306,19 @@ def test_instance_is_indexed_when_acknowledged_and_filed_soon_after(scp, small_c
     assoc.release()
     assert scp.journal.wait_filed(str(ds.StudyInstanceUID), timeout=10)
     assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_garbage_on_the_port_is_aborted_and_node_keeps_serving(scp):
+    import os
+    import socket
+    import struct
+
+    for junk in (struct.pack(">BxI", 1, 40) + os.urandom(40),  # an A-ASSOCIATE-RQ that is not one
+                 b"GET / HTTP/1.1\r\nHost: lungnode\r\n\r\n"):  # someone's browser
+        with socket.create_connection(("127.0.0.1", scp.settings.dicom_port), timeout=10) as s:
+            s.sendall(junk)
+            reply = s.recv(16)
+            assert reply == b"" or reply[:1] == bytes([7])  # closed, or A-ABORT
+    echo = subprocess.run([need_tool("echoscu"), "-aet", "PACS", "-aec", "LUNGNODE", "127.0.0.1",
+                           str(scp.settings.dicom_port)], capture_output=True, text=True, env=PEER_ENV)
+    assert echo.returncode == 0, echo.stderr
