@@ -322,3 +322,27 @@ def test_garbage_on_the_port_is_aborted_and_node_keeps_serving(scp):
     echo = subprocess.run([need_tool("echoscu"), "-aet", "PACS", "-aec", "LUNGNODE", "127.0.0.1",
                            str(scp.settings.dicom_port)], capture_output=True, text=True, env=PEER_ENV)
     assert echo.returncode == 0, echo.stderr
+
+
+def test_responses_are_split_to_the_peers_maximum_pdu_length():
+    import socket
+    import struct
+
+    from lungnode.dicom_node.receiver import AcceptorPolicy, _Association, response_command
+
+    ours, theirs = socket.socketpair()
+    assoc = _Association(ours, AcceptorPolicy("LUNGNODE", []), lambda r: None, None)
+    assoc.peer_max_pdu = 64
+    command = response_command(0x8001, 9, str(CTImageStorage), 0xA700, "1.2.3.4", "disk full: no space left")
+    assoc._send_command(5, command)
+    ours.close()
+    received, flags = b"", []
+    stream = theirs.makefile("rb")
+    while head := stream.read(6):
+        pdu_type, length = struct.unpack(">BxI", head)
+        body = stream.read(length)
+        item_len, context_id, control = struct.unpack(">IBB", body[:6])
+        assert pdu_type == 4 and context_id == 5 and length <= 64 and item_len == length - 4
+        received += body[6:]
+        flags.append(control)
+    assert received == command and flags[-1] == 0x03 and set(flags[:-1]) == {0x01} and len(flags) > 2
