@@ -15,6 +15,7 @@ from scipy import ndimage
 from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
+from lungnode.inference.tta import fuse_views, unflip_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
 from lungnode.models.registry import InferenceSettings, ModelSpec
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BOX_KEY, LABEL_KEY = "box", "label"
 SCORE_KEY = LABEL_KEY + "_scores"
+TTA_VIEW_FLOOR = 0.01  # with several views, each reports candidates down to this score: they add up
 
 
 @dataclass
@@ -180,17 +182,24 @@ class Detector:
             box = lung_bbox(lungs, volume, self.settings.lung_margin_mm)[::-1]  # (i, j, k)
             region = (np.array([s.start for s in box]), np.array([s.stop for s in box]))
         prepared = prepare(volume, self.settings, region=region, ras=self.ras)
+        flips = self.settings.tta_flips or ((),)
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
-        if score_threshold is not None:
-            selector.score_thresh = score_threshold
+        threshold = card_threshold if score_threshold is None else score_threshold
+        selector.score_thresh = min(threshold, TTA_VIEW_FLOOR) if len(flips) > 1 else threshold
+        views = []
         try:
             with torch.no_grad():
-                result = self._detector(prepared.image[None, None], use_inferer=True)[0]
+                for axes in flips:
+                    image = prepared.image.flip(list(axes)) if axes else prepared.image
+                    result = self._detector(image[None, None], use_inferer=True)[0]
+                    views.append((unflip_boxes(result[BOX_KEY].numpy(), axes, prepared.image.shape),
+                                  result[SCORE_KEY].numpy().astype(np.float64)))
         finally:
             selector.score_thresh = card_threshold
-        boxes = result[BOX_KEY].numpy().astype(np.float64)
-        scores = result[SCORE_KEY].numpy().astype(np.float64)
+        boxes, scores = fuse_views(views) if len(views) > 1 else views[0]
+        keep = scores >= threshold
+        boxes, scores = boxes[keep], scores[keep]
         detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]
         if lungs is not None and detections:
             keep = inside_lungs(lungs, volume, np.array([d.center_mm for d in detections]),

@@ -65,6 +65,9 @@ class InferenceSettings(BaseModel):
     lung_mask: bool = True
     lung_margin_mm: float = 15.0
     lung_tolerance_mm: float = 5.0
+    # Test-time augmentation: the image axes to mirror, one tuple per view (() = as given); empty = one
+    # view. inference/tta.py fuses the views.
+    tta_flips: tuple[tuple[int, ...], ...] = ()
 
 
 class ModelCard(BaseModel):

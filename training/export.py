@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lungnode.inference.tta import FLIPS_LR_AP
 from lungnode.models.registry import DataInfo, ModelCard, TrainingInfo, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig, build_network, count_parameters
 from lungnode.training.data import PhantomSettings
@@ -68,11 +69,14 @@ def export(
     eval_seeds: tuple[int, int] | None,
     score_threshold: float | None = None,
     max_fp_per_scan: float | None = None,
+    flip_tta: bool = False,
 ) -> ModelCard:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = TrainConfig.model_validate(ckpt["config"])
     if score_threshold is not None:
         cfg.inference.score_threshold = score_threshold
+    if flip_tta:
+        cfg.inference.tta_flips = FLIPS_LR_AP
     net_cfg = NetConfig.from_dict(ckpt["net_config"])
     net = build_network(net_cfg, use_list_output=True)
     net.load_state_dict(ckpt["network"])
@@ -177,6 +181,7 @@ def card_markdown(card: ModelCard) -> str:
 - Sliding window {inf.roi_size} voxels, overlap {inf.overlap}; training patches {inf.patch_size}
 - Anchors (voxels, i j k): {card.anchor_shapes_voxels}
 - Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
+- Test-time augmentation: {f"{len(inf.tta_flips)} views, mirrored along model axes {[list(f) for f in inf.tta_flips]}, scores fused (inference/tta.py)" if inf.tta_flips else "none"}
 - Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
 - Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
 - Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
@@ -198,7 +203,8 @@ performs clinically.
 
 
 def _run(args: argparse.Namespace) -> int:
-    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds), args.score_threshold, args.max_fp_per_scan)
+    export(args.checkpoint, args.out, args.version, None if args.no_eval else tuple(args.eval_seeds), args.score_threshold,
+           args.max_fp_per_scan, args.flip_tta)
     return 0
 
 
@@ -210,6 +216,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900000, 900019), metavar=("FIRST", "LAST"),
                    help="held-out phantom seeds evaluated into the card (inclusive)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument("--flip-tta", action="store_true",
+                   help="the card asks for flip test-time augmentation (4 views: fewer false positives, 4x the time)")
     p.add_argument("--score-threshold", type=float, help="override the training config's score threshold")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="set the card's score threshold to the lowest one with at most this many held-out FP/scan")

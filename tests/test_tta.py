@@ -1,0 +1,33 @@
+"""Flip test-time augmentation: boxes come back to the original image, views fuse into one score."""
+from __future__ import annotations
+
+import numpy as np
+
+from lungnode.inference.tta import fuse_views, unflip_boxes
+
+
+def test_a_box_found_in_a_mirrored_image_lands_on_the_original_object():
+    image = np.zeros((40, 30, 20))
+    image[5:9, 20:26, 3:7] = 1  # the object: i 5..9, j 20..26, k 3..7
+    for axes in [(), (0,), (1,), (0, 1), (0, 1, 2)]:
+        mirrored = np.flip(image, axes) if axes else image
+        idx = np.argwhere(mirrored)
+        found = np.concatenate([idx.min(0), idx.max(0) + 1])[None].astype(float)
+        assert np.array_equal(unflip_boxes(found, axes, image.shape)[0], [5, 20, 3, 9, 26, 7])
+
+
+def test_views_agreeing_keep_their_score_a_lone_view_loses_most_of_it():
+    nodule = [10, 10, 10, 20, 20, 20]
+    views = [
+        (np.array([nodule, [50, 50, 50, 56, 56, 56], [12, 12, 12, 16, 16, 16]]), np.array([0.9, 0.8, 0.3])),
+        (np.array([[11, 11, 10, 21, 21, 20]]), np.array([0.7])),
+    ]
+    boxes, scores = fuse_views(views)
+    assert np.allclose(scores, [0.8, 0.4])  # (0.9 + 0.7) / 2; the nested 0.3 box of view 0 adds nothing
+    assert np.allclose(boxes[0], (0.9 * np.array(nodule) + 0.7 * np.array([11, 11, 10, 21, 21, 20])) / 1.6)
+    assert np.array_equal(boxes[1], [50, 50, 50, 56, 56, 56])
+
+
+def test_no_candidates_in_any_view():
+    boxes, scores = fuse_views([(np.zeros((0, 6)), np.zeros(0))] * 4)
+    assert boxes.shape == (0, 6) and scores.shape == (0,)
