@@ -31,7 +31,8 @@ SYNC_BATCH = 256
 QUIET_SECONDS = 0.3  # filing waits for a pause in receiving this long ...
 BACKLOG = 512  # ... unless this many instances wait
 
-FileInstance = Callable[[bytes, str], None]  # (encoded file bytes, calling AE) -> filed and indexed
+# (encoded file bytes, calling AE, what `append` was given as ``facts`` or None after a restart) -> filed
+FileInstance = Callable[[bytes, str, object | None], None]
 
 
 @dataclass
@@ -91,7 +92,7 @@ class IngestJournal:
         for path in sorted(self.dir.glob("seg-*.log")):
             try:
                 for data, caller in read_records(path):
-                    self.file_instance(data, caller)
+                    self.file_instance(data, caller, None)
                     n += 1
             except (ValueError, KeyError, AttributeError) as exc:
                 kept = path.with_suffix(".failed")
@@ -129,10 +130,11 @@ class IngestJournal:
         with self._filed:
             return self._filed.wait_for(lambda: not self._unfiled.get(key), timeout)
 
-    def append(self, data: bytes, caller: str, key: str = "") -> None:
+    def append(self, data: bytes, caller: str, key: str = "", facts: object | None = None) -> None:
         """Durably record one instance; raises OSError (e.g. disk full) with nothing half-written.
 
-        ``key`` (the study) lets `wait_filed` wait for just its instances."""
+        ``key`` (the study) lets `wait_filed` wait for just its instances; ``facts`` (what the caller
+        already knows of the instance) are handed to ``file_instance`` so it need not work them out again."""
         meta = json.dumps({"caller": caller}).encode()
         head = HEAD.pack(MAGIC, len(meta), len(data), zlib.crc32(data, zlib.crc32(meta)))
         with self._lock:
@@ -156,7 +158,7 @@ class IngestJournal:
             self._unfiled[key] = self._unfiled.get(key, 0) + 1
             if self._offset >= self.segment_bytes:
                 self._close_current()
-        self._queue.put((seg_id, data, caller, key))
+        self._queue.put((seg_id, data, caller, key, facts))
 
     def _open_segment(self) -> None:
         seg_id = self._next_id
@@ -191,12 +193,12 @@ class IngestJournal:
             if item is None:
                 self._queue.task_done()
                 return
-            seg_id, data, caller, key = item
+            seg_id, data, caller, key, facts = item
             self._wait_for_a_pause()
             delay = 0.5
             while True:
                 try:
-                    self.file_instance(data, caller)
+                    self.file_instance(data, caller, facts)
                     self._unsynced[seg_id] = self._unsynced.get(seg_id, 0) + 1
                     break
                 except OSError as exc:  # e.g. disk full: the journal still holds it; try again

@@ -40,7 +40,7 @@ from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
 from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
-from lungnode.dicom_node.storage import InstanceStore, digest
+from lungnode.dicom_node.storage import InstanceStore, digest, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class StorageSCP:
         record = InstanceRecord.from_header(ds, self.store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                                                                   sop_uid), digest(data), len(data), caller)
         try:
-            self.journal.append(data, caller, key=record.study_uid)
+            self.journal.append(data, caller, key=record.study_uid, facts=record)
         except OSError as exc:
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
             return StoreStatus(OUT_OF_RESOURCES, f"{kind}: {exc}")
@@ -121,13 +121,18 @@ class StorageSCP:
             log.error("cannot index %s now (%s); the journal files and indexes it later", sop_uid, exc)
         return StoreStatus(SUCCESS)
 
-    def file_instance(self, data: bytes, caller: str) -> None:
-        """Write one journalled instance to its own file; index it unless `accept` did (an identical
-        record changes nothing), as after a restart. The journal flushes the files."""
-        ds = dcmread(BytesIO(data), defer_size=1024)
-        stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data,
-                                  durable=False)
-        self.db.record_instance(InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller))
+    def file_instance(self, data: bytes, caller: str, record: InstanceRecord | None) -> None:
+        """Write one journalled instance to its own file (the journal flushes the files in batches) and
+        make sure it is indexed: `accept` indexed it already (an identical record changes nothing) unless
+        the index failed then; after a restart (no record) it is parsed again."""
+        if record is None:
+            ds = dcmread(BytesIO(data), defer_size=1024)
+            stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                      data, durable=False)
+            record = InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller)
+        else:
+            write_durably(record.path, data, durable=False)
+        self.db.record_instance(record)
 
     def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreStatus:
         try:

@@ -11,13 +11,13 @@ from lungnode.dicom_node.journal import IngestJournal, read_records
 
 def test_records_left_by_a_crash_are_filed_at_the_next_start(tmp_path):
     filed: list[tuple[bytes, str]] = []
-    crashed = IngestJournal(tmp_path, lambda d, c: None)
+    crashed = IngestJournal(tmp_path, lambda d, c, f: None)
     for i in range(5):
         crashed.append(bytes([i]) * 1000, f"AE{i}")  # acknowledged, never filed: the process died
     segment = next(tmp_path.glob("seg-*.log"))
     with open(segment, "ab") as f:
         f.write(b"LNJ1\x10\x00")  # the start of a record whose write the crash cut short
-    restarted = IngestJournal(tmp_path, lambda d, c: filed.append((d, c)))
+    restarted = IngestJournal(tmp_path, lambda d, c, f: filed.append((d, c)))
     assert restarted.replay() == 5
     assert filed == [(bytes([i]) * 1000, f"AE{i}") for i in range(5)]
     assert list(tmp_path.glob("seg-*")) == []
@@ -25,7 +25,7 @@ def test_records_left_by_a_crash_are_filed_at_the_next_start(tmp_path):
 
 def test_background_filing_empties_the_journal(tmp_path):
     filed = []
-    journal = IngestJournal(tmp_path, lambda d, c: filed.append(d))
+    journal = IngestJournal(tmp_path, lambda d, c, f: filed.append(d))
     journal.start()
     for i in range(20):
         journal.append(os.urandom(10_000), "PACS")
@@ -35,7 +35,7 @@ def test_background_filing_empties_the_journal(tmp_path):
 
 
 def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
-    journal = IngestJournal(tmp_path, lambda d, c: None)
+    journal = IngestJournal(tmp_path, lambda d, c, f: None)
     journal.append(b"first", "PACS")
 
     def disk_full(fd):
@@ -51,7 +51,7 @@ def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
 
 
 def test_corrupt_record_stops_reading(tmp_path):
-    journal = IngestJournal(tmp_path, lambda d, c: None)
+    journal = IngestJournal(tmp_path, lambda d, c, f: None)
     journal.append(b"a" * 100, "PACS")
     journal.append(b"b" * 100, "PACS")
     segment = next(tmp_path.glob("seg-*.log"))
@@ -72,7 +72,7 @@ def test_segments_are_kept_until_the_filed_copies_are_flushed(tmp_path):
         if failing[0]:
             raise OSError(errno.EIO, "write-back error")
 
-    journal = IngestJournal(tmp_path, lambda d, c: None, sync=sync)
+    journal = IngestJournal(tmp_path, lambda d, c, f: None, sync=sync)
     journal.start()
     journal.append(b"x" * 100, "PACS")
     deadline = time.monotonic() + 10
