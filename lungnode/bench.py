@@ -152,13 +152,13 @@ def print_receive(series: list[Path], runs: int) -> None:
         rx = bench_receive(series, runs, Path(tmp))
     print(f"\nReceive and persist LIDC-IDRI-0002: {len(series)} instances, {size:.0f} MiB, storescu over "
           f"loopback, median of {runs} runs")
-    print(f"{'receiver':<44}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
-    notes = {"lungnode": "lungnode (fsynced journal before each Success)",
-             "lungnode filed": "  ... until filed, indexed, flushed",
+    print(f"{'receiver':<50}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
+    notes = {"lungnode": "lungnode (journal fsynced + indexed, then Success)",
+             "lungnode filed": "  ... until every file is filed and flushed",
              "Orthanc": "Orthanc 1.10 (Debian, TCP_NODELAY=1)", "storescp": "DCMTK storescp (TCP_NODELAY=1, no fsync)"}
     for name, secs in rx.items():
         ratio = "" if name == "lungnode filed" else f"{secs / rx['lungnode']:>18.2f}x"
-        print(f"{notes[name]:<44}{secs:>9.2f}{len(series) / secs:>10.0f}{ratio}")
+        print(f"{notes[name]:<50}{secs:>9.2f}{len(series) / secs:>10.0f}{ratio}")
 
 
 if __name__ == "__main__":
