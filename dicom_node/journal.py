@@ -2,11 +2,12 @@
 
 A C-STORE is acknowledged once its bytes are appended to the journal and fdatasync'd: one data flush,
 where a durable temp-file + rename costs a file sync and a directory sync (several ms per instance on
-ext4). A background thread then files each instance and indexes it, and makes the filed copies durable
-a batch at a time (`sync`: one flush when the queue runs dry or every SYNC_BATCH instances). Filing
-waits for a pause in receiving: on ext4 (data=ordered) every journal fdatasync would otherwise also
-flush the data of the files being filed beside it, doubling the time each C-STORE waits. A segment is deleted only when everything in it is
-filed and flushed. After a crash, `replay` files whatever the last run had not.
+ext4). A background thread then files each instance (the receiver indexed it already) and makes the
+filed copies durable a batch at a time (`sync`: one flush when the queue runs dry or every SYNC_BATCH
+instances). Filing waits for a pause in receiving: on ext4 (data=ordered) every journal fdatasync
+would otherwise also flush the data of the files being filed beside it, doubling the time each
+C-STORE waits. A segment is deleted only when everything in it is filed and flushed. After a crash,
+`replay` files (and indexes) whatever the last run had not.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The DICOM listener (SCP): C-ECHO and C-STORE of CT images, with the caller allow-list.
 
-Every instance is journalled durably before Success goes back, then filed and indexed; a file we cannot
+Every instance is journalled durably and indexed before Success goes back, then filed; a file we cannot
 parse gets a failure status (with the reason as Error Comment) and is kept in quarantine; a full disk
 answers "out of resources" so the PACS retries. The association layer is `receiver.Acceptor`.
 """
@@ -40,7 +40,7 @@ from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
 from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
-from lungnode.dicom_node.storage import InstanceStore, digest, write_durably
+from lungnode.dicom_node.storage import InstanceStore, digest, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class StorageSCP:
                                       data, durable=False)
             record = InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller)
         else:
-            write_durably(record.path, data, durable=False)
+            write_atomically(record.path, data, durable=False)
         self.db.record_instance(record)
 
     def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreStatus:

@@ -31,12 +31,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | memoryview, durable: bool = True) -> None:
-    """Write to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
-
-    ``durable=False`` skips both flushes (the rename still makes the file appear whole or not at all)
-    for callers that flush a batch with `sync_filesystem`.
-    """
+def write_atomically(path: Path, data: bytes | memoryview, durable: bool = True) -> None:
+    """Write to a temp file beside `path` and rename it over `path`: the file appears whole or not at
+    all. ``durable``: fsync the file before the rename and the directory after it; without, a caller
+    flushes a batch with `sync_filesystem`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -103,7 +101,7 @@ class InstanceStore:
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, durable: bool = True) -> StoredInstance:
         """File one instance; with ``durable=False`` it is on disk only after the next `sync`."""
         path = self.path_for(study_uid, series_uid, sop_uid)
-        write_durably(path, data, durable)
+        write_atomically(path, data, durable)
         return StoredInstance(path=path, digest=digest(data), size=len(data))
 
     def sync(self) -> None:
@@ -113,6 +111,6 @@ class InstanceStore:
         """Keep a file we could not accept, with the reason beside it, for the admin to inspect."""
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 10**9:09d}"
         path = self.quarantine / f"{stamp}-{_safe(caller)}.dcm"
-        write_durably(path, data)
-        write_durably(path.with_suffix(".txt"), f"caller: {caller}\nreason: {reason}\n".encode())
+        write_atomically(path, data)
+        write_atomically(path.with_suffix(".txt"), f"caller: {caller}\nreason: {reason}\n".encode())
         return path
