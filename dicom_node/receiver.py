@@ -44,6 +44,7 @@ IMPLEMENTATION_UID = generate_uid(prefix=PYDICOM_ROOT_UID, entropy_srcs=["lungno
 IMPLEMENTATION_VERSION = f"LUNGNODE_{__version__}"[:16]
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 MAX_RECEIVE_PDU = 4 * 2**20  # advertised: whole CT slices in a few PDUs
+MAX_OTHER_PDU = 2**20  # an A-ASSOCIATE-RQ with every presentation context there is fits in far less
 _HEADER = struct.Struct(">BxI")  # PDU type, reserved, length
 _PDV = struct.Struct(">IBB")  # item length, presentation context ID, message control header
 _P_DATA_HEAD = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header
@@ -125,7 +126,6 @@ StoreHandler = Callable[[StoreRequest], StoreStatus]
 
 @dataclass(frozen=True)
 class AcceptorPolicy:
-    ae_title: str
     contexts: Sequence[PresentationContext]
     allowed_callers: frozenset[str] = frozenset()  # empty: anyone
     max_associations: int = 16
@@ -159,8 +159,8 @@ class _Association:
 
     def _read_pdu(self) -> tuple[int, bytearray]:
         pdu_type, length = _HEADER.unpack(self._read_exact(_HEADER.size))
-        if length > MAX_RECEIVE_PDU + 6 and pdu_type == P_DATA or length > 2**26:
-            raise PeerGone(f"PDU of {length} bytes exceeds the negotiated maximum")
+        if length > (MAX_RECEIVE_PDU if pdu_type == P_DATA else MAX_OTHER_PDU):
+            raise PeerGone(f"a PDU of type {pdu_type} and {length} bytes: more than this node accepts")
         return pdu_type, self._read_exact(length)
 
     def _abort(self) -> None:

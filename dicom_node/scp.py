@@ -68,7 +68,7 @@ class StorageSCP:
         self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync)
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
-        self.policy = AcceptorPolicy(ae_title=settings.ae_title, contexts=contexts,
+        self.policy = AcceptorPolicy(contexts=contexts,
                                      allowed_callers=frozenset(settings.allowed_callers),
                                      max_associations=settings.max_associations,
                                      network_timeout=settings.dicom_timeout_seconds)

@@ -273,7 +273,7 @@ def test_silent_association_is_aborted_and_busy_node_refuses_more(small_ct_serie
 
     from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreStatus
 
-    policy = AcceptorPolicy(ae_title="LUNGNODE", contexts=[build_context(CTImageStorage)], max_associations=1,
+    policy = AcceptorPolicy(contexts=[build_context(CTImageStorage)], max_associations=1,
                             network_timeout=1.0)
     server = Acceptor(("127.0.0.1", free_port()), policy, lambda request: StoreStatus(0x0000))
     server.start()
@@ -331,7 +331,7 @@ def test_responses_are_split_to_the_peers_maximum_pdu_length():
     from lungnode.dicom_node.receiver import AcceptorPolicy, _Association, response_command
 
     ours, theirs = socket.socketpair()
-    assoc = _Association(ours, AcceptorPolicy("LUNGNODE", []), lambda r: None, None)
+    assoc = _Association(ours, AcceptorPolicy([]), lambda r: None, None)
     assoc.peer_max_pdu = 64
     command = response_command(0x8001, 9, str(CTImageStorage), 0xA700, "1.2.3.4", "disk full: no space left")
     assoc._send_command(5, command)
