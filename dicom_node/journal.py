@@ -6,8 +6,13 @@ ext4). A background thread then files each instance (the receiver indexed it alr
 filed copies durable a batch at a time (`sync`: one flush when the queue runs dry or every SYNC_BATCH
 instances). Filing waits for a pause in receiving: on ext4 (data=ordered) every journal fdatasync
 would otherwise also flush the data of the files being filed beside it, doubling the time each
-C-STORE waits. A segment is deleted only when everything in it is filed and flushed. After a crash,
+C-STORE waits. A segment is let go only when everything in it is filed and flushed. After a crash,
 `replay` files (and indexes) whatever the last run had not.
+
+A segment let go is kept as the spare the next segment is written over: flushing data written over
+blocks a file already has needs no filesystem journal commit (0.34 ms a slice here, against 0.62 ms
+appended). Each record carries its segment's number, so the stale records after the last new one are
+never read as new.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LNJ1"
-HEAD = struct.Struct("<4sIQI")  # magic, meta length, data length, crc32(meta + data)
+MAGIC = b"LNJ2"
+HEAD = struct.Struct("<4sIIQI")  # magic, segment number, meta length, data length, crc32(segment, meta, data)
+MAGIC_V1, HEAD_V1 = b"LNJ1", struct.Struct("<4sIQI")  # before segments were reused: no segment number
+SPARE = "spare.log"
 SEGMENT_BYTES = 512 * 2**20
 SYNC_BATCH = 256
 QUIET_SECONDS = 0.3  # filing waits for a pause in receiving this long ...
@@ -44,20 +51,35 @@ class _Segment:
     closed: bool = False
 
 
+def _segment_number(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def _crc(seg_id: int, meta: bytes, data: bytes) -> int:
+    return zlib.crc32(data, zlib.crc32(meta, zlib.crc32(struct.pack("<I", seg_id))))
+
+
 def read_records(path: Path) -> Iterator[tuple[bytes, str]]:
-    """Complete records of a segment; stops at a torn or corrupt tail (never acknowledged)."""
+    """Complete records of a segment; stops at a torn or corrupt tail (never acknowledged) and at a
+    record of an earlier use of the file."""
+    seg_id = _segment_number(path)
     with open(path, "rb") as f:
         while True:
             head = f.read(HEAD.size)
-            if len(head) < HEAD.size:
+            if head[:4] == MAGIC_V1 and len(head) >= HEAD_V1.size:  # a journal left by an older version
+                f.seek(HEAD_V1.size - len(head), os.SEEK_CUR)
+                _, meta_len, data_len, crc = HEAD_V1.unpack(head[:HEAD_V1.size])
+                meta, data = f.read(meta_len), f.read(data_len)
+                ok = len(data) == data_len and zlib.crc32(data, zlib.crc32(meta)) == crc
+            elif len(head) == HEAD.size and head[:4] == MAGIC:
+                _, rec_seg, meta_len, data_len, crc = HEAD.unpack(head)
+                if rec_seg != seg_id:
+                    return  # the rest is from the file's earlier use as another segment
+                meta, data = f.read(meta_len), f.read(data_len)
+                ok = len(data) == data_len and _crc(seg_id, meta, data) == crc
+            else:  # the end: the file's end, a torn header, or what an earlier use of the file left
                 return
-            magic, meta_len, data_len, crc = HEAD.unpack(head)
-            if magic != MAGIC:
-                log.warning("journal %s: bad record header, ignoring the rest", path.name)
-                return
-            meta = f.read(meta_len)
-            data = f.read(data_len)
-            if len(data) < data_len or zlib.crc32(data, zlib.crc32(meta)) != crc:
+            if not ok:
                 log.warning("journal %s: torn record at the end, ignored", path.name)
                 return
             yield data, json.loads(meta)["caller"]
@@ -79,7 +101,7 @@ class IngestJournal:
         self._current: int | None = None
         self._fd: int | None = None
         self._offset = 0
-        self._next_id = max((int(p.stem.split("-")[1]) for p in self.dir.glob("seg-*.log")), default=0) + 1
+        self._next_id = max((_segment_number(p) for p in self.dir.glob("seg-*.log")), default=0) + 1
         self._thread: threading.Thread | None = None
         self._last_append = 0.0
         self._unfiled: dict[str, int] = {}  # key (the study) -> instances appended, not yet filed
@@ -103,7 +125,7 @@ class IngestJournal:
             done.append(path)
         self.sync()
         for path in done:
-            path.unlink()
+            self._let_go(path)
         if n:
             log.warning("journal: filed %d instance(s) received before the last stop", n)
         return n
@@ -137,10 +159,10 @@ class IngestJournal:
         ``key`` (the study) lets `wait_filed` wait for just its instances; ``facts`` (what the caller
         already knows of the instance) are handed to ``file_instance`` so it need not work them out again."""
         meta = json.dumps({"caller": caller}).encode()
-        head = HEAD.pack(MAGIC, len(meta), len(data), zlib.crc32(data, zlib.crc32(meta)))
         with self._lock:
             if self._fd is None:
                 self._open_segment()
+            head = HEAD.pack(MAGIC, self._current, len(meta), len(data), _crc(self._current, meta, data))
             start = self._offset
             try:
                 for part in (head, meta, data):
@@ -165,7 +187,12 @@ class IngestJournal:
         seg_id = self._next_id
         self._next_id += 1
         path = self.dir / f"seg-{seg_id:08d}.log"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        spare = self.dir / SPARE
+        if spare.exists():
+            spare.rename(path)  # written over from the start; see the module docstring
+            self._fd = os.open(path, os.O_WRONLY)
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)  # the new segment's name must survive too
         try:
             os.fsync(fd)
@@ -184,8 +211,15 @@ class IngestJournal:
     def _drop_finished(self) -> None:
         for seg_id, seg in list(self._segments.items()):
             if seg.closed and seg.filed == seg.appended:
-                seg.path.unlink(missing_ok=True)
+                self._let_go(seg.path)
                 del self._segments[seg_id]
+
+    def _let_go(self, path: Path) -> None:
+        """A finished segment becomes the spare (one is enough; others are deleted)."""
+        if (self.dir / SPARE).exists():
+            path.unlink(missing_ok=True)
+        else:
+            path.rename(self.dir / SPARE)
 
     # --- filing ------------------------------------------------------------------------------
     def _run(self) -> None:

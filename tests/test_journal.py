@@ -83,3 +83,37 @@ def test_segments_are_kept_until_the_filed_copies_are_flushed(tmp_path):
     journal.flush()
     journal.stop()
     assert flushes[-1] is False and list(tmp_path.glob("seg-*")) == []
+
+
+def test_a_reused_segment_never_replays_what_its_earlier_use_left(tmp_path):
+    first = IngestJournal(tmp_path, lambda d, c, f: None, segment_bytes=10_000)
+    first.start()
+    for i in range(3):
+        first.append(bytes([i]) * 5000, "PACS")
+    first.flush()
+    first.stop()
+    assert list(tmp_path.glob("seg-*")) == [] and (tmp_path / "spare.log").stat().st_size > 10_000
+
+    crashed = IngestJournal(tmp_path, lambda d, c, f: None, segment_bytes=10_000)
+    crashed.append(b"new" * 10, "MODALITY")  # written over the spare's first record, then the process dies
+    (segment,) = tmp_path.glob("seg-*.log")
+    assert segment.stat().st_size > 10_000  # the old records are still in the file after the new one
+
+    filed = []
+    assert IngestJournal(tmp_path, lambda d, c, f: filed.append((d, c))).replay() == 1
+    assert filed == [(b"new" * 10, "MODALITY")]
+
+
+def test_a_journal_left_by_the_previous_format_is_still_filed(tmp_path):
+    import json
+    import struct
+    import zlib
+
+    records = [(b"x" * 300, "PACS"), (b"y" * 200, "CT1")]
+    with open(tmp_path / "seg-00000007.log", "wb") as f:
+        for data, caller in records:
+            meta = json.dumps({"caller": caller}).encode()
+            f.write(struct.pack("<4sIQI", b"LNJ1", len(meta), len(data), zlib.crc32(data, zlib.crc32(meta))) + meta + data)
+    filed = []
+    assert IngestJournal(tmp_path, lambda d, c, f: filed.append((d, c))).replay() == 2
+    assert filed == records
