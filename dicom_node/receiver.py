@@ -109,9 +109,7 @@ class StoreRequest:
     """One received C-STORE: the instance as a DICOM file (preamble + file meta + data set as sent)."""
 
     calling_ae: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
+    sop_instance_uid: str  # the request's Affected SOP Instance UID (the data set must carry the same)
     file_bytes: bytes
 
 
@@ -300,7 +298,7 @@ class _Association:
         elif field == C_STORE_RQ_FIELD:
             syntax = str(self.contexts[context_id].transfer_syntax[0])
             sop_class, sop_instance = str(cmd.AffectedSOPClassUID), str(cmd.AffectedSOPInstanceUID)
-            request = StoreRequest(self.calling_ae, sop_class, sop_instance, syntax,
+            request = StoreRequest(self.calling_ae, sop_instance,
                                    part10_header(sop_class, sop_instance, syntax) + data)
             try:
                 outcome = self.on_store(request)

@@ -44,8 +44,10 @@ def fuse_views(views: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarr
         inside = free & np.all((centres >= boxes[seed, :3]) & (centres <= boxes[seed, 3:]), axis=1)
         free &= ~inside
         members = np.flatnonzero(inside)
-        best = [members[view[members] == v][np.argmax(scores[members[view[members] == v]])]
-                for v in np.unique(view[members])]
+        best = []
+        for v in np.unique(view[members]):
+            in_view = members[view[members] == v]
+            best.append(in_view[np.argmax(scores[in_view])])
         w = scores[best]
         fused_boxes.append((boxes[best] * w[:, None]).sum(0) / w.sum())
         fused_scores.append(w.sum() / n_views)
