@@ -15,6 +15,7 @@ from scipy import ndimage
 from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
+from lungnode.inference.onnx_runtime import create_session
 from lungnode.inference.tta import fuse_views, unflip_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
@@ -112,8 +113,8 @@ def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
     # times faster to copy and interpolate); only the small resampled image is transposed.
     crop = volume.hu[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]]
     lo, hi = settings.window_hu
-    x = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
-    x = ((x.clamp_(lo, hi) - lo) / (hi - lo))[None, None]
+    x = torch.from_numpy(crop.astype(np.float32, copy=False)).clamp(lo, hi)  # one pass makes the copy
+    x = x.sub_(lo).div_(hi - lo)[None, None]
     in_size = np.array(crop.shape[::-1])
     out_size = np.maximum(1, np.round(in_size * spacing / model_spacing)).astype(int)
     if np.any(out_size != in_size):
@@ -128,14 +129,9 @@ def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
 class OnnxNetwork(nn.Module):
     """The exported network behind an ``onnxruntime.InferenceSession``, callable like the torch one."""
 
-    def __init__(self, onnx_path: str, threads: int = 0) -> None:
+    def __init__(self, onnx_path: str, threads: int = 0, provider: str = "auto", precision: str = "auto") -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = create_session(onnx_path, threads, provider, precision)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -152,13 +148,14 @@ def load_torch_network(cfg: NetConfig, state_dict_path) -> nn.Module:
 class Detector:
     """One loaded model; ``detect`` may be called for many volumes (the session is created once)."""
 
-    def __init__(self, spec: ModelSpec, backend: str = "onnxruntime", threads: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, backend: str = "onnxruntime", threads: int = 0,
+                 provider: str = "auto", precision: str = "auto") -> None:
         self.spec = spec
         self.settings = spec.card.inference
         zoo = zoo_bundle.is_zoo_network(spec.card.network)
         self.ras = spec.card.network.get("image_axes") == "RAS"
         if backend == "onnxruntime":
-            network: nn.Module = OnnxNetwork(str(spec.onnx_path), threads)
+            network: nn.Module = OnnxNetwork(str(spec.onnx_path), threads, provider, precision)
         elif backend == "torch":
             if spec.state_dict_path is None:
                 raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for backend 'torch'")

@@ -17,6 +17,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from lungnode.inference.onnx_runtime import Precision, Provider
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "lungnode.yaml"
 _AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -81,7 +83,9 @@ class Settings(BaseSettings):
     max_pixel_spacing_mm: float = 1.5
     # Detection.
     model: str = "default"
-    backend: str = "onnxruntime"  # or "torch": oneDNN makes it the faster one on some CPUs (README)
+    backend: str = "onnxruntime"  # or "torch" (the PyTorch state dict; for comparison)
+    onnx_provider: Provider = "auto"  # auto: CUDA, else OpenVINO, else ONNX Runtime's CPU provider
+    onnx_precision: Precision = "auto"  # f32: no bfloat16 on CPUs that have it
     threads: int = 0  # 0 = all cores
     # Delivery of results.
     send_retry_first_seconds: float = 5.0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lungnode.inference.detector import Detector
+from lungnode.inference.onnx_runtime import cuda_available, openvino_available
 from lungnode.inference.types import Volume
 from lungnode.models.registry import ModelIntegrityError, ModelNotFoundError, load_model
 from lungnode.training.data import PhantomSettings, phantom_volume
@@ -28,7 +29,14 @@ def phantom():
 
 @pytest.fixture(scope="module")
 def ort_detections(spec, phantom):
+    """What the node reports: ONNX Runtime on its automatic provider (OpenVINO on x86-64 Linux)."""
     return Detector(spec, backend="onnxruntime").detect(phantom[0])
+
+
+@pytest.fixture(scope="module")
+def f32_detections(spec, phantom):
+    """The exported float32 graph as written, on ONNX Runtime's own CPU provider: the reference."""
+    return Detector(spec, backend="onnxruntime", provider="cpu").detect(phantom[0])
 
 
 def _truth(ph):
@@ -99,14 +107,44 @@ def test_world_coordinates_do_not_depend_on_slice_order(phantom, spec):
             assert np.linalg.norm(np.subtract(best.center_mm, best_again.center_mm)) < max(3.0, d / 4)
 
 
-def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, ort_detections):
-    if spec.state_dict_path is None:
-        pytest.skip("the default model ships no PyTorch state dict")
-    torch_detections = Detector(spec, backend="torch").detect(phantom[0])
-    assert len(torch_detections) == len(ort_detections)
-    for a, b in zip(ort_detections, torch_detections):
+def _assert_same(detections, reference):
+    assert len(detections) == len(reference)
+    for a, b in zip(detections, reference):
         assert abs(a.score - b.score) < 1e-3
         assert np.allclose(a.box_mm, b.box_mm, atol=0.05)
+
+
+def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, f32_detections):
+    if spec.state_dict_path is None:
+        pytest.skip("the default model ships no PyTorch state dict")
+    _assert_same(Detector(spec, backend="torch").detect(phantom[0]), f32_detections)
+
+
+def test_openvino_in_f32_gives_the_reference_detections(spec, phantom, f32_detections):
+    if not openvino_available():
+        pytest.skip("onnxruntime-ep-openvino is not installed (x86-64 Linux only)")
+    _assert_same(Detector(spec, provider="openvino", precision="f32").detect(phantom[0]), f32_detections)
+
+
+def test_the_node_default_finds_what_the_f32_reference_finds(phantom, ort_detections, f32_detections):
+    """OpenVINO runs in bfloat16 on CPUs with AMX: scores move a little, the findings must not."""
+    centers, diameters = _truth(phantom[1])
+    assert match(ort_detections, centers, diameters).hits == match(f32_detections, centers, diameters).hits
+    assert abs(len(ort_detections) - len(f32_detections)) <= 1
+    for ref in f32_detections:
+        near = [d for d in ort_detections if np.linalg.norm(np.subtract(d.center_mm, ref.center_mm)) < 2.0]
+        if ref.score >= 0.97:  # clear of the threshold: it must be there, with about the same score
+            assert near and abs(near[0].score - ref.score) < 0.02, (ref, ort_detections)
+
+
+def test_an_unknown_or_missing_provider_is_a_clear_error(spec):
+    with pytest.raises(ValueError, match="unknown ONNX provider 'gpu'"):
+        Detector(spec, provider="gpu")
+    with pytest.raises(ValueError, match="unknown ONNX precision"):
+        Detector(spec, precision="f16")
+    if not cuda_available():
+        with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+            Detector(spec, provider="cuda")
 
 
 def test_a_box_nested_in_a_stronger_one_is_reported_once():

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lungnode.inference.detector import Detector
+from lungnode.inference.onnx_runtime import PRECISIONS, PROVIDERS
 from lungnode.models.registry import load_model
 from lungnode.training.eval_report import markdown_table, plot_froc, size_table
 from lungnode.training import eval_sets
@@ -107,7 +108,7 @@ def scan_table(rows: list[ScanRow], threshold: float) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
-    detector = Detector(spec, backend=args.backend)
+    detector = Detector(spec, backend=args.backend, provider=args.onnx_provider, precision=args.onnx_precision)
     scans, _ = eval_sets.from_arguments(args)
     outcome = evaluate(detector, scans, bootstraps=args.bootstraps)
     out = Path(args.out)
@@ -142,6 +143,10 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="eval", help="name of this evaluation set (metric prefix)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--onnx-provider", default="auto", choices=PROVIDERS,
+                   help="ONNX Runtime execution provider (auto: CUDA, else OpenVINO, else CPU)")
+    p.add_argument("--onnx-precision", default="auto", choices=PRECISIONS,
+                   help="f32 keeps OpenVINO from running in bfloat16 on CPUs that have it")
     p.add_argument("--bootstraps", type=int, default=1000)
     p.add_argument("--update-card", action="store_true", help="write the metrics into the model card")
     p.set_defaults(func=_run)
