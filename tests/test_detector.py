@@ -11,7 +11,8 @@ from lungnode.inference.onnx_runtime import cuda_available, openvino_available
 from lungnode.inference.types import Volume
 from lungnode.models.registry import ModelIntegrityError, ModelNotFoundError, load_model
 from lungnode.training.data import PhantomSettings, phantom_volume
-from lungnode.training.evaluate import match
+from lungnode.training.eval_run import match as luna16_match
+from lungnode.training.froc import Annotation, candidates_from_detections
 
 SEED = 424242  # not a training (1000-1239) or card evaluation (900000-900019) seed
 
@@ -41,6 +42,12 @@ def f32_detections(spec, phantom):
 
 def _truth(ph):
     return np.array([n.center_mm for n in ph.nodules]), np.array([n.diameter_mm for n in ph.nodules])
+
+
+def match(detections, centers, diameters):
+    """Found nodules and false positives by LUNA16's rule (the one `train eval` scores with)."""
+    return luna16_match(candidates_from_detections("scan", detections),
+                        [Annotation("scan", tuple(c), float(d)) for c, d in zip(centers, diameters)])
 
 
 def test_default_model_is_verified_and_named(spec):

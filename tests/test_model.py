@@ -113,6 +113,18 @@ def test_short_training_run_lowers_the_loss_resumes_and_fine_tunes(tmp_path):
     assert tuned["loss"] < 0.8 * losses[0], (tuned, losses[0])
 
 
+def test_bfloat16_training_lowers_the_loss_and_saves_plain_weights(tmp_path):
+    """precision: bf16 runs the network under autocast; the saved weights are the float32 network's."""
+    cfg = _tiny_config(tmp_path, 40)
+    cfg.precision = "bf16"
+    fit(cfg, tmp_path / "run")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert set(state) == set(build_network(NetConfig()).state_dict())
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
 def test_training_on_a_datalist_of_dicom_series(tmp_path):
     """A site's own labelled series (as `train import` writes them) are trained on with their boxes
     placed where the nodules are, and the card-to-be names them as training scans."""

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from lungnode.inference.detector import Detector
@@ -33,35 +34,20 @@ class ScanRow:
     seconds: float
 
 
-@dataclass
-class EvalOutcome:
-    froc: FrocResult | None  # None when the scans hold no nodule (only FP counts then)
-    rows: list[ScanRow]
-    candidates: list[Candidate]
+@dataclass(frozen=True)
+class ScanMatch:
+    """LUNA16's rule: a nodule is found by a mark whose centre lies inside its radius; a mark in no
+    nodule is a false positive unless it lies in a don't-care finding (then it is ignored)."""
 
-    def metrics(self, prefix: str) -> dict[str, float | int]:
-        scans = max(1, len(self.rows))
-        out: dict[str, float | int] = {
-            f"{prefix}_scans": len(self.rows),
-            f"{prefix}_nodules": sum(r.nodules for r in self.rows),
-            f"{prefix}_found_at_threshold": sum(r.found for r in self.rows),
-            f"{prefix}_fp_per_scan_at_threshold": round(sum(r.false_positives for r in self.rows) / scans, 3),
-            f"{prefix}_seconds_per_scan": round(sum(r.seconds for r in self.rows) / scans, 2),
-        }
-        if self.froc is not None:
-            out[f"{prefix}_cpm"] = round(self.froc.cpm, 4)
-            out.update({f"{prefix}_sens_at_{fp:g}fp": round(s, 4) for fp, s in self.froc.operating_points.items()})
-        return out
+    hits: list[bool]  # per nodule
+    false_positives: int
+    ignored: int
 
 
-def _count(cands: list[Candidate], nodules: list[Annotation], excluded: list[Annotation]) -> tuple[int, int, int]:
-    """Found nodules, false positives and ignored marks among the marks the node would report."""
-    import numpy as np
-
+def match(cands: list[Candidate], nodules: list[Annotation], excluded: list[Annotation] = ()) -> ScanMatch:
     def inside(c: Candidate, a: Annotation) -> bool:
         return float(np.linalg.norm(np.subtract(c.center_mm, a.center_mm))) < a.size_mm / 2
 
-    found = sum(any(inside(c, a) for c in cands) for a in nodules)
     fps = ignored = 0
     for c in cands:
         if any(inside(c, a) for a in nodules):
@@ -70,28 +56,90 @@ def _count(cands: list[Candidate], nodules: list[Annotation], excluded: list[Ann
             ignored += 1
         else:
             fps += 1
-    return found, fps, ignored
+    return ScanMatch([any(inside(c, a) for c in cands) for a in nodules], fps, ignored)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One evaluated scan: every candidate down to EVAL_SCORE_FLOOR and its truth."""
+
+    name: str
+    candidates: list[Candidate]
+    nodules: list[Annotation]
+    excluded: list[Annotation]
+    seconds: float
+
+    def match(self, threshold: float) -> ScanMatch:
+        return match([c for c in self.candidates if c.score >= threshold], self.nodules, self.excluded)
+
+
+@dataclass
+class EvalOutcome:
+    froc: FrocResult | None  # None when the scans hold no nodule (only FP counts then)
+    scans: list[ScanResult]
+    threshold: float  # the model's own
+
+    @property
+    def rows(self) -> list[ScanRow]:
+        rows = []
+        for s in self.scans:
+            m = s.match(self.threshold)
+            rows.append(ScanRow(s.name, len(s.nodules), sum(m.hits), m.false_positives, m.ignored, s.seconds))
+        return rows
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [c for s in self.scans for c in s.candidates]
+
+    def metrics(self, prefix: str) -> dict[str, float | int]:
+        rows = self.rows
+        scans = max(1, len(rows))
+        out: dict[str, float | int] = {
+            f"{prefix}_scans": len(rows),
+            f"{prefix}_nodules": sum(r.nodules for r in rows),
+            f"{prefix}_found_at_threshold": sum(r.found for r in rows),
+            f"{prefix}_fp_per_scan_at_threshold": round(sum(r.false_positives for r in rows) / scans, 3),
+            f"{prefix}_seconds_per_scan": round(sum(r.seconds for r in rows) / scans, 2),
+        }
+        if self.froc is not None:
+            out[f"{prefix}_cpm"] = round(self.froc.cpm, 4)
+            out.update({f"{prefix}_sens_at_{fp:g}fp": round(s, 4) for fp, s in self.froc.operating_points.items()})
+        return out
+
+    def at_threshold(self, threshold: float) -> dict[str, float | int]:
+        """The model card's operating-point figures: sensitivity (all, >= 6 mm) and false positives
+        per scan for the marks scoring >= ``threshold``."""
+        matches = [s.match(threshold) for s in self.scans]
+        diam = np.array([a.size_mm for s in self.scans for a in s.nodules])
+        hits = np.array([h for m in matches for h in m.hits], dtype=bool)
+        n = max(1, len(self.scans))
+        return {
+            "score_threshold": threshold,
+            "eval_scans": len(self.scans),
+            "eval_nodules": int(len(hits)),
+            "sensitivity": round(float(hits.mean()) if len(hits) else 0.0, 4),
+            "eval_nodules_ge6mm": int((diam >= 6).sum()),
+            "sensitivity_ge6mm": round(float(hits[diam >= 6].mean()) if (diam >= 6).any() else 0.0, 4),
+            "false_positives_per_scan": round(sum(m.false_positives for m in matches) / n, 3),
+            "seconds_per_scan": round(sum(s.seconds for s in self.scans) / n, 2),
+        }
 
 
 def evaluate(detector: Detector, scans: list[EvalScan], *, bootstraps: int = 1000, seed: int = 0) -> EvalOutcome:
-    threshold = detector.spec.card.inference.score_threshold
-    rows, all_cands, nodules, excluded = [], [], [], []
+    results = []
     for scan in tqdm(scans, desc="evaluate", unit="scan", dynamic_ncols=True):
         loaded = scan.load()
         started = time.perf_counter()
         detections = detector.detect(loaded.volume, score_threshold=EVAL_SCORE_FLOOR)
         seconds = time.perf_counter() - started
-        cands = candidates_from_detections(scan.series_uid, detections)
-        reported = [c for c in cands if c.score >= threshold]
-        rows.append(ScanRow(scan.name, len(loaded.annotations), *_count(reported, loaded.annotations, loaded.excluded),
-                            seconds))
-        all_cands += cands
-        nodules += loaded.annotations
-        excluded += loaded.excluded
+        results.append(ScanResult(scan.name, candidates_from_detections(scan.series_uid, detections),
+                                  list(loaded.annotations), list(loaded.excluded), seconds))
     froc = None
+    nodules = [a for r in results for a in r.nodules]
     if nodules:
-        froc = evaluate_froc(all_cands, nodules, excluded, [s.series_uid for s in scans], bootstraps=bootstraps, seed=seed)
-    return EvalOutcome(froc, rows, all_cands)
+        froc = evaluate_froc([c for r in results for c in r.candidates], nodules, [a for r in results for a in r.excluded],
+                             [s.series_uid for s in scans], bootstraps=bootstraps, seed=seed)
+    return EvalOutcome(froc, results, detector.spec.card.inference.score_threshold)
 
 
 def scan_table(rows: list[ScanRow], threshold: float) -> str:

@@ -19,7 +19,6 @@ import torch
 from lungnode.inference.tta import FLIPS_LR_AP
 from lungnode.models.registry import DataInfo, ModelCard, TrainingInfo, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig, build_network, count_parameters
-from lungnode.training.data import PhantomSettings
 from lungnode.training.fit import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -137,29 +136,23 @@ def export(
     card_path.write_text(card.model_dump_json(indent=2))
     if eval_seeds is not None:
         from lungnode.inference.detector import Detector
-        from lungnode.training.evaluate import evaluate
+        from lungnode.training.eval_run import evaluate
+        from lungnode.training.eval_sets import phantom_scans
 
         overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
         if overlap:
             raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
-        # Detections at the lowest candidate threshold contain those at every higher one, so one
-        # pass gives the whole sweep.
-        lowest = min(card.inference.score_threshold, *SWEEP) if max_fp_per_scan is not None else card.inference.score_threshold
-        result = evaluate(
-            Detector(load_model(str(card_path))),
-            list(range(eval_seeds[0], eval_seeds[1] + 1)),
-            PhantomSettings(),
-            score_threshold=lowest,
-        )
-        for t in [t for t in SWEEP if t >= lowest]:
-            m = result.metrics(t)
+        # Every candidate down to the evaluation floor is kept, so one pass gives the whole sweep.
+        result = evaluate(Detector(load_model(str(card_path))), phantom_scans(*eval_seeds), bootstraps=0)
+        for t in SWEEP:
+            m = result.at_threshold(t)
             print(f"score >= {t:.2f}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
                   f"FP/scan {m['false_positives_per_scan']}")
         if max_fp_per_scan is not None:
-            ok = [t for t in SWEEP if result.metrics(t)["false_positives_per_scan"] <= max_fp_per_scan]
+            ok = [t for t in SWEEP if result.at_threshold(t)["false_positives_per_scan"] <= max_fp_per_scan]
             card.inference.score_threshold = min(ok) if ok else max(SWEEP)
             print(f"score threshold {card.inference.score_threshold} (at most {max_fp_per_scan} FP/scan)")
-        card.metrics = result.metrics(card.inference.score_threshold)
+        card.metrics = result.at_threshold(card.inference.score_threshold)
         card_path.write_text(card.model_dump_json(indent=2))
     out.with_suffix(".md").write_text(card_markdown(card))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")

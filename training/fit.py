@@ -17,11 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -97,6 +99,9 @@ class TrainConfig(BaseModel):
     matcher: MatcherConfig = MatcherConfig()
     sampler: SamplerConfig = SamplerConfig()
     init_weights: Path | None = None  # a model .pt (e.g. the shipped model) to start from instead of random
+    # "bf16": the network's forward and backward under torch.autocast (about 2x faster on CPUs with
+    # AMX / AVX-512 BF16 and on recent GPUs); weights, optimiser and losses stay float32.
+    precision: Literal["f32", "bf16"] = "f32"
 
     def net_config(self) -> NetConfig:
         return NetConfig.from_dict({**NetConfig().to_dict(), **self.network})
@@ -155,6 +160,28 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class AutocastNetwork(nn.Module):
+    """Runs the wrapped network under bfloat16 autocast and hands float32 outputs to the losses."""
+
+    def __init__(self, network: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner, self.device_type = network, device_type
+
+    def forward(self, images: torch.Tensor):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.inner(images)
+        if isinstance(out, dict):
+            return {k: [t.float() for t in v] for k, v in out.items()}
+        return [t.float() for t in out]
+
+    def __getattr__(self, name: str):
+        """The detector reads the network's keys, anchors and divisibility: those of the wrapped one."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
 def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = "") -> FitResult:
     """Train (or continue) into ``out_dir``; stops at ``iterations`` or after ``max_minutes``."""
     out_dir = Path(out_dir)
@@ -169,24 +196,25 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
         torch.set_num_threads(cfg.threads)
 
     net_cfg = cfg.net_config()
-    detector = build_detector(net_cfg, build_network(net_cfg)).to(device)
+    network = build_network(net_cfg).to(device)
+    detector = build_detector(net_cfg, AutocastNetwork(network, device.type) if cfg.precision == "bf16" else network)
     detector.set_target_keys(box_key="box", label_key="label")
     detector.set_atss_matcher(num_candidates=cfg.matcher.num_candidates, center_in_gt=cfg.matcher.center_in_gt)
     detector.set_hard_negative_sampler(**cfg.sampler.model_dump())
-    optimizer = make_optimizer(detector.network.parameters(), cfg)
+    optimizer = make_optimizer(network.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
 
     start_it, seconds_before = 0, 0.0
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        detector.network.load_state_dict(ckpt["network"])
+        network.load_state_dict(ckpt["network"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_it, seconds_before = ckpt["iteration"], ckpt["seconds"]
         log.info("resuming %s at iteration %d", out_dir, start_it)
     elif cfg.init_weights is not None:
         # Fine-tuning: a site retrains the shipped model on its own data rather than starting over.
-        detector.network.load_state_dict(torch.load(cfg.init_weights, map_location=device, weights_only=True))
+        network.load_state_dict(torch.load(cfg.init_weights, map_location=device, weights_only=True))
         log.info("starting from the weights in %s", cfg.init_weights)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     (out_dir / "command.txt").write_text(command + "\n")
@@ -214,7 +242,7 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
         state = {
             "iteration": it,
             "seconds": seconds,
-            "network": detector.network.state_dict(),
+            "network": network.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "net_config": net_cfg.to_dict(),
@@ -222,7 +250,7 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
         }
         torch.save(state, out_dir / "checkpoint.tmp")
         (out_dir / "checkpoint.tmp").replace(ckpt_path)
-        torch.save(detector.network.state_dict(), out_dir / "model.pt")
+        torch.save(network.state_dict(), out_dir / "model.pt")
 
     detector.train()
     t0 = time.monotonic()
@@ -238,7 +266,7 @@ def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = ""
             loss = parts[detector.cls_key] + parts[detector.box_reg_key]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(detector.network.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 5.0)
             optimizer.step()
             scheduler.step()
             it += 1
