@@ -16,7 +16,7 @@ from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.onnx_runtime import create_session
-from lungnode.inference.tta import fuse_views, unflip_boxes
+from lungnode.inference.tta import fuse_views, mirror_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
 from lungnode.models.registry import InferenceSettings, ModelSpec
@@ -59,6 +59,15 @@ class PreparedImage:
     def to_model_index(self, ijk: np.ndarray) -> np.ndarray:
         r = (np.asarray(ijk, dtype=np.float64) - self.crop_start + 0.5) / self.scale - 0.5
         return self._unflip(r[..., list(self.axes)])
+
+    # Box coordinates follow MONAI's convention: model voxel m spans [m, m + 1), its centre at
+    # m + 0.5, so mirroring an axis of n voxels maps x to n - x (MONAI's flip_boxes, the training
+    # patches' flips, tta.mirror_boxes). Index coordinates (above) put voxel m's centre at m.
+    def box_to_source_index(self, xyz: np.ndarray) -> np.ndarray:
+        return self.to_source_index(np.asarray(xyz, dtype=np.float64) - 0.5)
+
+    def source_index_to_box(self, ijk: np.ndarray) -> np.ndarray:
+        return self.to_model_index(ijk) + 0.5
 
 
 def ras_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
@@ -190,7 +199,7 @@ class Detector:
                 for axes in flips:
                     image = prepared.image.flip(list(axes)) if axes else prepared.image
                     result = self._detector(image[None, None], use_inferer=True)[0]
-                    views.append((unflip_boxes(result[BOX_KEY].numpy(), axes, prepared.image.shape),
+                    views.append((mirror_boxes(result[BOX_KEY].numpy(), axes, prepared.image.shape),
                                   result[SCORE_KEY].numpy().astype(np.float64)))
         finally:
             selector.score_thresh = card_threshold
@@ -248,7 +257,7 @@ def configure_for_inference(detector, settings: InferenceSettings):
 
 def to_detection(box: np.ndarray, score: float, prepared: PreparedImage, volume: Volume) -> Detection:
     """A model-voxel box (i0, j0, k0, i1, j1, k1) -> Detection in the Volume's LPS world frame."""
-    a, b = prepared.to_source_index(box[:3]), prepared.to_source_index(box[3:])
+    a, b = prepared.box_to_source_index(box[:3]), prepared.box_to_source_index(box[3:])
     lo, hi = np.minimum(a, b), np.maximum(a, b)  # a flipped axis swaps the corners
     corners = np.array([[a[0], b[1], c[2]] for a in (lo, hi) for b in (lo, hi) for c in (lo, hi)])
     world = volume.index_to_world(corners)

@@ -16,8 +16,9 @@ import numpy as np
 FLIPS_LR_AP = ((), (0,), (1,), (0, 1))  # model axes i (left-right) and j (front-back)
 
 
-def unflip_boxes(boxes: np.ndarray, axes: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """Boxes (i0, j0, k0, i1, j1, k1) found in an image mirrored along ``axes`` -> the original image."""
+def mirror_boxes(boxes: np.ndarray, axes: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Boxes (i0, j0, k0, i1, j1, k1) in an image mirrored along ``axes`` -> the same boxes in the
+    original image, and the other way round (a mirror is its own inverse; training patches use it too)."""
     out = np.array(boxes, dtype=np.float64, copy=True).reshape(-1, 6)
     for a in axes:
         out[:, [a, a + 3]] = shape[a] - out[:, [a + 3, a]]

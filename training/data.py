@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lungnode.inference.detector import PreparedImage, prepare
+from lungnode.inference.tta import mirror_boxes
 from lungnode.inference.types import Volume
 from lungnode.models.registry import InferenceSettings
 
@@ -98,7 +99,7 @@ def world_boxes_to_model(boxes_cccwhd: list[list[float]], volume: Volume, prepar
     for b in boxes_cccwhd:
         c, half = np.asarray(b[:3], np.float64), np.asarray(b[3:6], np.float64) / 2
         corners = np.array([c + half * (2 * np.array(s) - 1) for s in np.ndindex(2, 2, 2)])
-        m = prepared.to_model_index(volume.world_to_index(corners))
+        m = prepared.source_index_to_box(volume.world_to_index(corners))
         out.append(np.concatenate([m.min(0), m.max(0)]))
     return np.asarray(out, dtype=np.float32).reshape(-1, 6)
 
@@ -139,9 +140,15 @@ def cache_phantom(cache_dir: Path, seed: int, ps: PhantomSettings, inf: Inferenc
     return img_path
 
 
+# Bumped when the cached boxes change meaning: "monai-voxel-corner" = PreparedImage.source_index_to_box
+# (before it, boxes were in voxel-centre coordinates, half a voxel off MONAI's flips).
+BOX_CONVENTION = "monai-voxel-corner"
+
+
 def _preprocessing(inf: InferenceSettings) -> dict:
-    """The settings that change a prepared image (the cache key); detection-only ones are left out."""
-    return inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm", "sw_batch_size"})
+    """What changes a cached image or its boxes (the cache key); detection-only settings are left out."""
+    return {**inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm", "sw_batch_size"}),
+            "boxes": BOX_CONVENTION}
 
 
 def build_scan_cache(cache_root: Path, scans: list[tuple[Path, list[list[float]]]], inf: InferenceSettings) -> list[Path]:
@@ -220,7 +227,7 @@ class PatchDataset(Dataset):
             for axis in range(3):
                 if rng.random() < 0.5:
                     patch = np.flip(patch, axis)
-                    out[:, [axis, axis + 3]] = size[axis] - out[:, [axis + 3, axis]]
+                    out = mirror_boxes(out, [axis], size).astype(np.float32)
         j = self.ps.intensity_jitter
         patch = patch * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j)
         target = {"box": torch.from_numpy(out.copy()), "label": torch.zeros(len(out), dtype=torch.long)}
