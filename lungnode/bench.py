@@ -116,16 +116,16 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
     from lungnode.inference.detector import Detector
     from lungnode.inference.volume import load_volume
     from lungnode.models.registry import load_model
+    from lungnode.models.retinanet import AutocastNetwork
 
     class TimedNetwork(torch.nn.Module):
-        def __init__(self, network: torch.nn.Module, bf16: bool) -> None:
+        def __init__(self, network: torch.nn.Module) -> None:
             super().__init__()
-            self.inner, self.bf16, self.seconds = network, bf16, 0.0
+            self.inner, self.seconds = network, 0.0
 
         def forward(self, images):
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                out = [o.float() for o in self.inner(images)]
+            out = self.inner(images)
             self.seconds += time.perf_counter() - t
             return out
 
@@ -133,7 +133,8 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
     torch_bf16 = backend == "torch" and precision == "bf16"
     detector = Detector(load_model("default"), backend=backend, threads=threads, provider=provider,
                         precision="auto" if torch_bf16 else precision)
-    timed = detector._detector.network = TimedNetwork(detector._detector.network, torch_bf16)
+    network = detector._detector.network
+    timed = detector._detector.network = TimedNetwork(AutocastNetwork(network, "cpu") if torch_bf16 else network)
     started = time.perf_counter()
     volume = load_volume(files)
     loaded = time.perf_counter()

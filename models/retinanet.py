@@ -163,5 +163,28 @@ def build_detector(cfg: NetConfig, network: nn.Module) -> RetinaNetDetector:
     return detector_around(network, build_anchor_generator(cfg), cfg.size_divisible)
 
 
+class AutocastNetwork(nn.Module):
+    """Runs the wrapped network under bfloat16 autocast and hands back float32 outputs (training
+    with ``precision: bf16``; `make bench`'s PyTorch bf16 row)."""
+
+    def __init__(self, network: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.inner, self.device_type = network, device_type
+
+    def forward(self, images: torch.Tensor):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.inner(images)
+        if isinstance(out, dict):
+            return {k: [t.float() for t in v] for k, v in out.items()}
+        return [t.float() for t in out]
+
+    def __getattr__(self, name: str):
+        """The detector reads the network's keys, anchors and divisibility: those of the wrapped one."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())

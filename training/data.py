@@ -224,10 +224,10 @@ class PatchDataset(Dataset):
         out[:, :3] = np.maximum(out[:, :3], 0)
         out[:, 3:] = np.minimum(out[:, 3:], size)
         if self.ps.flip:
-            for axis in range(3):
-                if rng.random() < 0.5:
-                    patch = np.flip(patch, axis)
-                    out = mirror_boxes(out, [axis], size).astype(np.float32)
+            axes = [axis for axis in range(3) if rng.random() < 0.5]
+            if axes:
+                patch = np.flip(patch, axes)
+                out = mirror_boxes(out, axes, size).astype(np.float32)
         j = self.ps.intensity_jitter
         patch = patch * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j)
         target = {"box": torch.from_numpy(out.copy()), "label": torch.zeros(len(out), dtype=torch.long)}

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lungnode.models.registry import InferenceSettings
-from lungnode.models.retinanet import NetConfig, build_detector, build_network
+from lungnode.models.retinanet import AutocastNetwork, NetConfig, build_detector, build_network
 from lungnode.training.data import PatchDataset, PatchSettings, PhantomMix, build_cache, build_scan_cache, collate
 from lungnode.training.importers.datalist import image_path, read_datalist
 
@@ -158,28 +157,6 @@ def lr_factor(it: int, cfg: TrainConfig) -> float:
         return (it + 1) / cfg.warmup_iterations
     t = (it - cfg.warmup_iterations) / max(1, cfg.iterations - cfg.warmup_iterations)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-class AutocastNetwork(nn.Module):
-    """Runs the wrapped network under bfloat16 autocast and hands float32 outputs to the losses."""
-
-    def __init__(self, network: nn.Module, device_type: str) -> None:
-        super().__init__()
-        self.inner, self.device_type = network, device_type
-
-    def forward(self, images: torch.Tensor):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            out = self.inner(images)
-        if isinstance(out, dict):
-            return {k: [t.float() for t in v] for k, v in out.items()}
-        return [t.float() for t in out]
-
-    def __getattr__(self, name: str):
-        """The detector reads the network's keys, anchors and divisibility: those of the wrapped one."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
 
 def fit(cfg: TrainConfig, out_dir: Path, resume: bool = False, command: str = "") -> FitResult:
