@@ -28,11 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import google_crc32c
+
 log = logging.getLogger(__name__)
 
-MAGIC = b"LNJ2"
-HEAD = struct.Struct("<4sIIQI")  # magic, segment number, meta length, data length, crc32(segment, meta, data)
-MAGIC_V1, HEAD_V1 = b"LNJ1", struct.Struct("<4sIQI")  # before segments were reused: no segment number
+MAGIC = b"LNJ3"
+HEAD = struct.Struct("<4sIIQI")  # magic, segment number, meta length, data length, CRC-32C(segment, meta, data)
+# Records of earlier versions, still replayed after an upgrade: LNJ2 is LNJ3 with zlib's CRC-32 (0.1-0.2 ms
+# a CT slice, against 0.02 ms for CRC-32C in hardware); LNJ1 had no segment number (segments not reused).
+MAGIC_V2 = b"LNJ2"
+MAGIC_V1, HEAD_V1 = b"LNJ1", struct.Struct("<4sIQI")
 SPARE = "spare.log"
 SEGMENT_BYTES = 512 * 2**20
 SYNC_BATCH = 256
@@ -56,7 +61,23 @@ def _segment_number(path: Path) -> int:
 
 
 def _crc(seg_id: int, meta: bytes, data: bytes) -> int:
+    return google_crc32c.extend(google_crc32c.extend(google_crc32c.value(struct.pack("<I", seg_id)), meta), data)
+
+
+def _crc_v2(seg_id: int, meta: bytes, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(meta, zlib.crc32(struct.pack("<I", seg_id))))
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """One writev for the whole record (a short write, e.g. on a nearly full disk, goes on from where it stopped)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
 
 
 def read_records(path: Path) -> Iterator[tuple[bytes, str]]:
@@ -71,12 +92,13 @@ def read_records(path: Path) -> Iterator[tuple[bytes, str]]:
                 _, meta_len, data_len, crc = HEAD_V1.unpack(head[:HEAD_V1.size])
                 meta, data = f.read(meta_len), f.read(data_len)
                 ok = len(data) == data_len and zlib.crc32(data, zlib.crc32(meta)) == crc
-            elif len(head) == HEAD.size and head[:4] == MAGIC:
-                _, rec_seg, meta_len, data_len, crc = HEAD.unpack(head)
+            elif len(head) == HEAD.size and head[:4] in (MAGIC, MAGIC_V2):
+                magic, rec_seg, meta_len, data_len, crc = HEAD.unpack(head)
                 if rec_seg != seg_id:
                     return  # the rest is from the file's earlier use as another segment
                 meta, data = f.read(meta_len), f.read(data_len)
-                ok = len(data) == data_len and _crc(seg_id, meta, data) == crc
+                check = _crc if magic == MAGIC else _crc_v2
+                ok = len(data) == data_len and check(seg_id, meta, data) == crc
             else:  # the end: the file's end, a torn header, or what an earlier use of the file left
                 return
             if not ok:
@@ -165,10 +187,7 @@ class IngestJournal:
             head = HEAD.pack(MAGIC, self._current, len(meta), len(data), _crc(self._current, meta, data))
             start = self._offset
             try:
-                for part in (head, meta, data):
-                    view = memoryview(part)
-                    while view:
-                        view = view[os.write(self._fd, view):]
+                _write_all(self._fd, [head, meta, data])
                 os.fdatasync(self._fd)
             except OSError:
                 os.ftruncate(self._fd, start)

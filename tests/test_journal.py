@@ -104,7 +104,10 @@ def test_a_reused_segment_never_replays_what_its_earlier_use_left(tmp_path):
     assert filed == [(b"new" * 10, "MODALITY")]
 
 
-def test_a_journal_left_by_the_previous_format_is_still_filed(tmp_path):
+@pytest.mark.parametrize("magic", [b"LNJ1", b"LNJ2"])
+def test_a_journal_left_by_an_earlier_format_is_still_filed(tmp_path, magic):
+    """A node upgraded after a crash replays what the old version journalled (LNJ1: no segment number;
+    LNJ2: zlib's CRC-32 where LNJ3 has CRC-32C)."""
     import json
     import struct
     import zlib
@@ -113,7 +116,28 @@ def test_a_journal_left_by_the_previous_format_is_still_filed(tmp_path):
     with open(tmp_path / "seg-00000007.log", "wb") as f:
         for data, caller in records:
             meta = json.dumps({"caller": caller}).encode()
-            f.write(struct.pack("<4sIQI", b"LNJ1", len(meta), len(data), zlib.crc32(data, zlib.crc32(meta))) + meta + data)
+            if magic == b"LNJ1":
+                f.write(struct.pack("<4sIQI", magic, len(meta), len(data), zlib.crc32(data, zlib.crc32(meta))))
+            else:
+                crc = zlib.crc32(data, zlib.crc32(meta, zlib.crc32(struct.pack("<I", 7))))
+                f.write(struct.pack("<4sIIQI", magic, 7, len(meta), len(data), crc))
+            f.write(meta + data)
     filed = []
     assert IngestJournal(tmp_path, lambda d, c, f: filed.append((d, c))).replay() == 2
     assert filed == records
+
+
+def test_a_short_write_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    """writev may write less than asked (a nearly full disk, a signal): the record must still be whole."""
+    real_write = os.write
+
+    def writev_seven_bytes(fd, views):
+        return real_write(fd, bytes(views[0][:7]))
+
+    journal = IngestJournal(tmp_path, lambda d, c, f: None)
+    monkeypatch.setattr(os, "writev", writev_seven_bytes)
+    journal.append(b"0123456789" * 5, "PACS")
+    journal.append(b"second", "CT1")
+    monkeypatch.undo()
+    records = list(read_records(next(tmp_path.glob("seg-*.log"))))
+    assert records == [(b"0123456789" * 5, "PACS"), (b"second", "CT1")]

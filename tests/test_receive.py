@@ -266,6 +266,39 @@ def _c_store_command(ds) -> bytes:
                            (0x0800, struct.pack("<H", 0)), (0x1000, ui(ds.SOPInstanceUID))])
 
 
+def test_command_sets_are_read_as_pynetdicom_writes_them(small_ct_series):
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from lungnode.dicom_node.receiver import decode_command
+
+    ds = pydicom.dcmread(small_ct_series[0])
+    primitive = C_STORE()
+    primitive.MessageID, primitive.Priority = 7, 2
+    primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    message.command_set.CommandDataSetType = 0x0001
+    cmd = decode_command(encode(message.command_set, True, True))
+    assert (cmd.field, cmd.message_id, cmd.sop_class, cmd.sop_instance, cmd.has_data_set) == (
+        0x0001, 7, ds.SOPClassUID, ds.SOPInstanceUID, True)
+
+
+def test_malformed_command_set_is_aborted_and_node_keeps_serving(scp, small_ct_series):
+    import struct
+
+    assoc = _associate(scp)
+    raw = assoc.dul.socket.socket
+    command = _c_store_command(pydicom.dcmread(small_ct_series[0]))[:-5]  # cut inside its last element
+    raw.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
+    raw.settimeout(10)
+    assert raw.recv(16)[:1] == bytes([7])  # A-ABORT
+    assoc.abort()
+    assert storescu(scp, small_ct_series[:2]).returncode == 0
+    assert len(stored_files(scp)) == 2
+
+
 def test_silent_association_is_aborted_and_busy_node_refuses_more(small_ct_series):
     import socket
 
