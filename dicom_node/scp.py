@@ -94,44 +94,51 @@ class StorageSCP:
         return outcome
 
     def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreStatus:
-        """Check the header, journal the bytes as sent and index the instance; filed in the background."""
+        """Journal the bytes as sent (flushed while the header is checked) and index the instance; it
+        is filed in the background."""
         try:
-            ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
-            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
-        except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OSError, TypeError) as exc:
-            return self._reject(data, caller, CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}")
-        if missing:
-            return self._reject(data, caller, CANNOT_UNDERSTAND, f"cannot parse the data set: no {', '.join(missing)}")
-        sop_uid = str(ds.SOPInstanceUID)
-        if affected_sop_uid and sop_uid != str(affected_sop_uid):
-            return self._reject(data, caller, DATASET_MISMATCH,
-                                f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            return self._reject(data, caller, DATASET_MISMATCH, "the image has no pixel data")
-        record = InstanceRecord.from_header(ds, self.store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                                                  sop_uid), digest(data), len(data), caller)
-        try:
-            self.journal.append(data, caller, key=record.study_uid, facts=record)
+            record = self.journal.append(data, caller, check=lambda: self._check(data, caller, affected_sop_uid))
+        except Refused as refused:
+            return self._reject(data, caller, refused.status, refused.reason)
         except OSError as exc:
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
             return StoreStatus(OUT_OF_RESOURCES, f"{kind}: {exc}")
         try:
             self.db.record_instance(record)
         except sqlite3.Error as exc:  # journalled: it is filed and indexed in the background all the same
-            log.error("cannot index %s now (%s); the journal files and indexes it later", sop_uid, exc)
+            log.error("cannot index %s now (%s); the journal files and indexes it later", record.sop_uid, exc)
         return StoreStatus(SUCCESS)
+
+    def _check(self, data: bytes, caller: str, affected_sop_uid: str | None) -> tuple[str, InstanceRecord]:
+        """The instance's header, read and checked: (its study, its index record), or Refused."""
+        try:
+            ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
+            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
+        except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OSError, TypeError) as exc:
+            raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
+        if missing:
+            raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: no {', '.join(missing)}")
+        sop_uid = str(ds.SOPInstanceUID)
+        if affected_sop_uid and sop_uid != str(affected_sop_uid):
+            raise Refused(DATASET_MISMATCH, f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise Refused(DATASET_MISMATCH, "the image has no pixel data")
+        path = self.store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid)
+        record = InstanceRecord.from_header(ds, path, digest(data), len(data), caller)
+        return record.study_uid, record
 
     def file_instance(self, data: bytes, caller: str, record: InstanceRecord | None) -> None:
         """Write one journalled instance to its own file (the journal flushes the files in batches) and
         make sure it is indexed: `accept` indexed it already (an identical record changes nothing) unless
-        the index failed then; after a restart (no record) it is parsed again."""
+        the index failed then. After a restart (no record) its header is checked again: a record whose
+        instance was refused but whose void mark the crash lost is kept aside again, not filed."""
         if record is None:
-            ds = dcmread(BytesIO(data), defer_size=1024)
-            stored = self.store.store(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
-                                      data, durable=False)
-            record = InstanceRecord.from_header(ds, stored.path, stored.digest, stored.size, caller)
-        else:
-            write_atomically(record.path, data, durable=False)
+            try:
+                _, record = self._check(data, caller, None)
+            except Refused as refused:
+                self._reject(data, caller, refused.status, refused.reason)
+                return
+        write_atomically(record.path, data, durable=False)
         self.db.record_instance(record)
 
     def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreStatus:
@@ -141,3 +148,11 @@ class StorageSCP:
         except OSError as exc:
             reason = f"{reason} (could not keep it: {exc})"
         return StoreStatus(status, reason)
+
+
+class Refused(Exception):
+    """An instance this node does not accept: the C-STORE status and the reason sent as Error Comment."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason

@@ -10,7 +10,6 @@ import ctypes
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from blake3 import blake3
@@ -81,13 +80,6 @@ def digest(data: bytes) -> str:
     return blake3(data).hexdigest()
 
 
-@dataclass(frozen=True)
-class StoredInstance:
-    path: Path
-    digest: str
-    size: int
-
-
 class InstanceStore:
     """Files under ``root/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``; rejects go to ``quarantine``."""
 
@@ -99,12 +91,6 @@ class InstanceStore:
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         return self.root / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
-
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, durable: bool = True) -> StoredInstance:
-        """File one instance; with ``durable=False`` it is on disk only after the next `sync`."""
-        path = self.path_for(study_uid, series_uid, sop_uid)
-        write_atomically(path, data, durable)
-        return StoredInstance(path=path, digest=digest(data), size=len(data))
 
     def sync(self) -> None:
         sync_filesystem(self.root)

@@ -38,10 +38,15 @@ def test_failed_append_leaves_no_partial_record(tmp_path, monkeypatch):
     journal = IngestJournal(tmp_path, lambda d, c, f: None)
     journal.append(b"first", "PACS")
 
-    def disk_full(fd):
+    real_write, calls = os.write, []
+
+    def fills_the_disk(fd, views):  # the first 100 bytes go in, then the disk is full
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, bytes(views[0][:100]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fdatasync", disk_full)
+    monkeypatch.setattr(os, "writev", fills_the_disk)
     with pytest.raises(OSError):
         journal.append(b"x" * 5000, "PACS")
     monkeypatch.undo()
@@ -141,3 +146,26 @@ def test_a_short_write_goes_on_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.undo()
     records = list(read_records(next(tmp_path.glob("seg-*.log"))))
     assert records == [(b"0123456789" * 5, "PACS"), (b"second", "CT1")]
+
+
+def test_a_record_whose_check_fails_is_voided_and_never_filed(tmp_path):
+    """The record is written (and flushed) while the instance is checked; a refused one must not come back."""
+    class Refused(Exception):
+        pass
+
+    def refuse():
+        raise Refused("no pixel data")
+
+    filed = []
+    journal = IngestJournal(tmp_path, lambda d, c, f: filed.append(d))
+    journal.start()
+    assert journal.append(b"good-1", "PACS", check=lambda: ("study", "facts")) == "facts"
+    with pytest.raises(Refused):
+        journal.append(b"refused", "PACS", check=refuse)
+    journal.append(b"good-2", "PACS")
+    assert [d for d, _ in read_records(next(tmp_path.glob("seg-*.log")))] == [b"good-1", b"good-2"]
+    journal.flush()
+    assert filed == [b"good-1", b"good-2"]
+    assert journal.wait_filed("study", timeout=5)
+    journal.stop()
+    assert IngestJournal(tmp_path, lambda d, c, f: filed.append(d)).replay() == 0  # and the segment was let go

@@ -172,10 +172,10 @@ def test_disk_full_answers_out_of_resources_and_keeps_nothing_half_written(scp, 
     import errno
     import os
 
-    def no_space(fd):
+    def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fdatasync", no_space)
+    monkeypatch.setattr(os, "writev", no_space)
     ds = pydicom.dcmread(small_ct_series[0])
     ae = AE(ae_title="PACS")
     ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
@@ -379,3 +379,24 @@ def test_responses_are_split_to_the_peers_maximum_pdu_length():
         received += body[6:]
         flags.append(control)
     assert received == command and flags[-1] == 0x03 and set(flags[:-1]) == {0x01} and len(flags) > 2
+
+
+def test_refused_instance_journalled_before_a_crash_is_kept_aside_not_filed(tmp_path, small_ct_series):
+    """A crash between flushing a refused instance's record and voiding it: the restart checks it again."""
+    from lungnode.dicom_node.journal import IngestJournal
+
+    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(), _env_file=None)
+    crashed = IngestJournal(settings.data_dir / "journal", lambda d, c, f: None)
+    crashed.append(b"DICM? not a DICOM file at all", "PACS")  # as if the void mark never reached the disk
+    crashed.append(small_ct_series[0].read_bytes(), "PACS")
+    db = JobDB(settings.db_path)
+    server = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), db)
+    server.start()
+    try:
+        assert len(stored_files(server)) == 1
+        (kept,) = settings.quarantine_dir.glob("*.dcm")
+        assert kept.read_bytes() == b"DICM? not a DICOM file at all"
+        assert "cannot parse" in kept.with_suffix(".txt").read_text()
+    finally:
+        server.stop()
+        db.close()
