@@ -10,29 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import highdicom as hd
 import pydicom
 
 from lungnode.inference.types import DetectionResult, Volume
 from lungnode.reports.gsps import build_gsps
 from lungnode.reports.key_images import build_key_image
 from lungnode.reports.kos import build_kos
+from lungnode.reports.result_series import ResultSeries, new_series
 from lungnode.reports.seg import build_seg
 from lungnode.reports.source_refs import findings_of
 from lungnode.reports.sr import build_sr
-
-SERIES_NUMBER_BASE = 9000  # high, so AI series sort after the acquired ones
-# Each result kind's series: number = SERIES_NUMBER_BASE + 10 * version + offset, and its description.
-SERIES = {"sr": (0, "nodules"), "key images": (1, "key images"), "gsps": (2, "nodule marks"),
-          "kos": (3, "key objects"), "seg": (4, "nodule masks")}
-
-
-def new_series(kind: str, version: int) -> dict:
-    """A new series of ``kind`` for results ``version``: the builders' series keyword arguments."""
-    offset, label = SERIES[kind]
-    return {"series_instance_uid": hd.UID(), "series_number": SERIES_NUMBER_BASE + 10 * version + offset,
-            "series_description": f"lungnode AI {label} v{version}"}
-
 
 def build_results(
     result: DetectionResult,
@@ -62,21 +49,22 @@ def build_results(
 
     has_findings = result.not_processed_reason is None and bool(result.detections) and volume is not None
     findings = findings_of(volume, result.detections) if has_findings else []
-    common = {"manufacturer": manufacturer, "institution": institution}
-    sr = build_sr(result, volume, source, findings, **new_series("sr", version), **common)
+    def series(kind: str) -> ResultSeries:
+        return new_series(kind, version, manufacturer, institution)
+
+    sr = build_sr(result, volume, source, findings, series=series("sr"))
     if not has_findings:
         return _dated([sr])
-    key_series = new_series("key images", version)  # one series for all of them
+    key_series = series("key images")  # one series for all of them
     key_images = [
-        build_key_image(volume, finding.detection, finding.number, source, **key_series,
-                        model_name=result.model.name, software_version=result.model.version, **common)
+        build_key_image(volume, finding.detection, finding.number, source, series=key_series,
+                        model=result.model)
         for finding in findings
     ]
     overlay = (findings, volume, source, result.model)
-    gsps = build_gsps(*overlay, **new_series("gsps", version), **common)
-    seg = build_seg(*overlay, **new_series("seg", version), **common)
-    kos = build_kos(*overlay, sr=sr, gsps=gsps, seg=seg, key_images=key_images, **new_series("kos", version),
-                    **common)
+    gsps = build_gsps(*overlay, series=series("gsps"))
+    seg = build_seg(*overlay, series=series("seg"))
+    kos = build_kos(*overlay, sr=sr, gsps=gsps, seg=seg, key_images=key_images, series=series("kos"))
     return _dated([sr, *key_images, gsps, *([seg] if seg is not None else []), kos])
 
 

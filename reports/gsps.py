@@ -13,6 +13,7 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from lungnode.inference.types import ModelInfo, Volume
+from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, series_headers, slice_header
 
 LAYER = "LUNGNODE_AI"  # also the state's Content Label, which viewers list it by
@@ -26,11 +27,7 @@ def build_gsps(
     source: Dataset,
     model: ModelInfo,
     *,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str,
-    institution: str | None,
+    series: ResultSeries,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """One presentation state over the whole source series with one circle + label per finding."""
     if not findings:
@@ -43,22 +40,14 @@ def build_gsps(
     annotations = [_annotation(f, volume, source, layer, rows, columns) for f in findings]
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=series_headers(volume, source),
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
         device_serial_number=model.sha256[:16],  # the weights' hash: the same number is the same model
         content_label=LAYER,
         content_description=f"{len(findings)} AI nodule candidate(s), not reviewed",
         graphic_annotations=annotations,
         graphic_layers=[layer],
-        institution_name=institution,
         modality_lut_transformation=_modality_lut(source),
         voi_lut_transformations=[_window(source)],
-        series_description=series_description,
+        **series.attributes(model),
     )
     # General Series Type 2C for a paired organ: the lung side is not judged here (as in key_images).
     state.Laterality = source.get("Laterality", "")

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from lungnode.inference.types import Detection, SliceRef, Volume
+from lungnode.inference.types import Detection, ModelInfo, SliceRef, Volume
+from lungnode.reports.result_series import ResultSeries
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)
 BOX_RGB = (255, 40, 40)
@@ -120,13 +121,8 @@ def build_key_image(
     number: int,
     source: Dataset,
     *,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str,
-    model_name: str,
-    software_version: str,
-    institution: str | None,
+    series: ResultSeries,
+    model: ModelInfo,
 ) -> hd.sc.SCImage:
     """One SC image in the source study that references the CT slice it shows."""
     ref = volume.slices[centre_slice_index(volume, detection.center_mm)]
@@ -136,17 +132,9 @@ def build_key_image(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=number,
-        manufacturer=manufacturer,
         patient_orientation=patient_orientation(volume),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description,
-        manufacturer_model_name=model_name,
-        software_versions=software_version,
-        institution_name=institution,
+        **series.attributes(model, instance_number=number),
     )
     image.SourceImageSequence = [_reference(ref)]
     image.ReferencedImageSequence = [_reference(ref)]

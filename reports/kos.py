@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from lungnode.inference.types import ModelInfo, Volume
+from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, slice_header
 from lungnode.reports.sr import observer_device
 
@@ -30,11 +31,7 @@ def build_kos(
     gsps: Dataset,
     seg: Dataset | None,
     key_images: list[Dataset],
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str,
-    institution: str | None,
+    series: ResultSeries,
 ) -> hd.ko.KeyObjectSelectionDocument:
     if not findings:
         raise ValueError("a key object selection needs at least one finding")
@@ -44,7 +41,7 @@ def build_kos(
     content = hd.ko.KeyObjectSelection(
         document_title=TITLE,
         referenced_objects=[*slices, *results],
-        observer_device_context=observer_device(model, manufacturer),
+        observer_device_context=observer_device(model, series.manufacturer),
         description=(
             f"{model.name} {model.version}: {len(findings)} nodule candidate(s), not reviewed. "
             "CT slices through each centre (shown with the AI presentation state), the SR, "
@@ -59,15 +56,7 @@ def build_kos(
     return hd.ko.KeyObjectSelectionDocument(
         evidence=list(unique.values()),
         content=content,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        institution_name=institution,
-        series_description=series_description,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
+        **series.attributes(model),
     )
 
 

@@ -20,6 +20,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from lungnode.inference.types import ModelInfo, Volume
+from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, slice_header
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,7 @@ def build_seg(
     source: Dataset,
     model: ModelInfo,
     *,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str,
-    institution: str | None,
+    series: ResultSeries,
 ) -> hd.seg.Segmentation | None:
     """One BINARY segment per finding; None (logged) for a multi-frame source."""
     if not findings:
@@ -48,7 +45,7 @@ def build_seg(
         name=model.name,
         family=codes.cid7162.ArtificialIntelligence,
         version=model.version,
-        source=manufacturer,
+        source=series.manufacturer,
         parameters={"sha256": model.sha256},
     )
     segments = [
@@ -74,19 +71,11 @@ def build_seg(
                                                 spacing_between_slices=float(volume.spacing[2])),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
         device_serial_number=model.sha256[:16],  # as the presentation state: the weights' hash
         content_label="LUNGNODE_AI",
         content_description=f"{len(findings)} AI nodule candidate(s), not reviewed",
         omit_empty_frames=True,
-        institution_name=institution,
-        series_description=series_description,
+        **series.attributes(model),
     )
 
 

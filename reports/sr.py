@@ -22,6 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from lungnode.inference.types import DetectionResult, ModelInfo, Volume
+from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, series_headers, source_header
 
 CHEST_CT = hd.sr.CodedConcept("24627-2", "LN", "Chest CT")
@@ -42,15 +43,11 @@ def build_sr(
     source: Dataset,
     findings: list[Finding],
     *,
-    series_instance_uid: str,
-    series_number: int,
-    series_description: str,
-    manufacturer: str,
-    institution: str | None,
+    series: ResultSeries,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for a result: ``findings`` (from `findings_of`), "no nodules found", or "not processed: <reason>"."""
     header = source_header(source)
-    context = hd.sr.ObservationContext(observer_device_context=observer_device(result.model, manufacturer))
+    context = hd.sr.ObservationContext(observer_device_context=observer_device(result.model, series.manufacturer))
     evidence = [header]
     if result.not_processed_reason is not None:
         content = _statement_report(context, f"Not processed: {result.not_processed_reason}")
@@ -70,7 +67,7 @@ def build_sr(
             name=result.model.name,
             version=result.model.version,
             parameters=[f"sha256:{result.model.sha256}"],
-            manufacturer=manufacturer,
+            manufacturer=series.manufacturer,
         )
         columns = int(source.Columns)
         groups = [group for finding in findings
@@ -84,18 +81,10 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content[0],
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
         is_complete=True,
-        institution_name=institution,
-        series_description=series_description,
-        manufacturer_model_name=result.model.name,
-        software_versions=result.model.version,
         # Free text (reasons quote series descriptions) may not fit the source's character set.
         specific_character_set="ISO_IR 192",
+        **series.attributes(result.model),
     )
 
 
