@@ -132,7 +132,16 @@ class OrthancServer:
         return requests.get(f"{self.url}/studies/{sid}/series", timeout=10).json()
 
     def instance_files(self, series: dict) -> list[bytes]:
-        return [requests.get(f"{self.url}/instances/{i}/file", timeout=30).content for i in series["Instances"]]
+        """The series' instance files; one deleted since the series was listed (the node replacing its
+        superseded results) is left out."""
+        files = []
+        for i in series["Instances"]:
+            r = requests.get(f"{self.url}/instances/{i}/file", timeout=30)
+            if r.status_code == 404:
+                continue
+            r.raise_for_status()
+            files.append(r.content)
+        return files
 
 
 class NodeProcess:
