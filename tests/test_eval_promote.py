@@ -55,3 +55,32 @@ def test_promotion_refuses_a_worse_model(untrained_model, tmp_path, capsys):
     (entry,) = registry["history"]
     assert entry["accepted"] is False and entry["candidate_cpm"] < entry["current_cpm"]
     assert not (registry_dir / "untrained.onnx").exists()
+
+
+def test_a_tie_is_at_least_as_good_even_when_the_sums_round_apart():
+    """Two models with the same hits get the same CPM; summed in another order it can differ in the last bit
+    (seen: 0.613095238095238 vs 0.6130952380952381). "At least as good" must not turn on that."""
+    from lungnode.training.promote import at_least_as_good
+
+    assert at_least_as_good(0.613095238095238, 0.6130952380952381)
+    assert at_least_as_good(0.62, 0.61)
+    assert not at_least_as_good(0.6071, 0.6131)
+
+
+def test_card_markdown_follows_new_metrics_and_keeps_hand_written_sections(tmp_path):
+    import shutil
+
+    from lungnode.models.registry import MODELS_DIR
+    from lungnode.training.card_markdown import rewrite_card_markdown
+
+    card = tmp_path / "lungnode-retina-cpu-v5.json"
+    shutil.copy(MODELS_DIR / card.name, card)
+    shutil.copy(MODELS_DIR / card.with_suffix(".md").name, card.with_suffix(".md"))
+    data = json.loads(card.read_text())
+    data["metrics"]["site_cpm"] = 0.777
+    card.write_text(json.dumps(data))
+    rewrite_card_markdown(card)
+    md = card.with_suffix(".md").read_text()
+    assert "| site_cpm | 0.777 |" in md
+    assert md.count("## How it was made") == 1 and md.count("## Limits") == 1
+    assert md.endswith((MODELS_DIR / card.with_suffix(".md").name).read_text().split("performs clinically.\n", 1)[1])

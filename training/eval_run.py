@@ -16,6 +16,7 @@ from lungnode.inference.onnx_runtime import PRECISIONS, PROVIDERS
 from lungnode.models.registry import load_model
 from lungnode.training.eval_report import markdown_table, plot_froc, size_table
 from lungnode.training import eval_sets
+from lungnode.training.card_markdown import rewrite_card_markdown
 from lungnode.training.eval_sets import EvalScan
 from lungnode.training.froc import (
     Annotation, Candidate, FrocResult, candidates_from_detections, evaluate_froc, save_candidates_csv,
@@ -179,7 +180,8 @@ def _run(args: argparse.Namespace) -> int:
         card = json.loads(card_path.read_text())
         card.setdefault("metrics", {}).update(metrics)
         card_path.write_text(json.dumps(card, indent=2) + "\n")
-        print(f"metrics written into {card_path}")
+        rewrite_card_markdown(card_path)
+        print(f"metrics written into {card_path} and {card_path.with_suffix('.md')}")
     print(f"report: {out / 'report.md'}")
     return 0
 

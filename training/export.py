@@ -19,6 +19,7 @@ import torch
 from lungnode.inference.tta import FLIPS_LR_AP
 from lungnode.models.registry import DataInfo, ModelCard, TrainingInfo, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig, build_network, count_parameters
+from lungnode.training.card_markdown import card_markdown
 from lungnode.training.fit import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -158,41 +159,6 @@ def export(
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")
     print("metrics:", card.metrics)
     return card
-
-
-def card_markdown(card: ModelCard) -> str:
-    inf = card.inference
-    metrics = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items()) or "| (not evaluated) | |"
-    return f"""# {card.name} (version {card.version})
-
-{card.description}. **Not a medical device.**
-
-- Created: {card.created}
-- Network: MONAI RetinaNet, small 3D ResNet + FPN backbone, {card.parameters:,} parameters; ONNX opset {card.onnx_opset}
-  (`{card.onnx_file}`, sha256 `{card.onnx_sha256}`), PyTorch state dict `{card.state_dict_file}`
-- Input: body crop resampled to {inf.spacing_mm} mm (i, j, k), HU clipped to {inf.window_hu} and scaled to 0..1
-- Sliding window {inf.roi_size} voxels, overlap {inf.overlap}; training patches {inf.patch_size}
-- Anchors (voxels, i j k): {card.anchor_shapes_voxels}
-- Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
-- Test-time augmentation: {f"{len(inf.tta_flips)} views, mirrored along model axes {[list(f) for f in inf.tta_flips]}, scores fused (inference/tta.py)" if inf.tta_flips else "none"}
-- Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
-- Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
-- Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
-- Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
-
-## Held-out phantoms (seeds {card.data.eval_seeds})
-
-A nodule is found when a detection's centre lies within its radius; detections elsewhere are false positives.
-
-| metric | value |
-|---|---|
-{metrics}
-
-## Limits
-
-Synthetic phantoms are far simpler than patient CT: figures here say the pipeline works, not how it
-performs clinically.
-"""
 
 
 def _run(args: argparse.Namespace) -> int:

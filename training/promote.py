@@ -17,6 +17,14 @@ from lungnode.training import eval_sets
 from lungnode.training.eval_sets import EvalScan
 
 
+# CPMs are means of hit fractions: two equal ones can differ in the last bits by summation order.
+CPM_TIE = 1e-9
+
+
+def at_least_as_good(candidate_cpm: float, current_cpm: float) -> bool:
+    return candidate_cpm >= current_cpm - CPM_TIE
+
+
 @dataclass(frozen=True)
 class Decision:
     candidate: str
@@ -28,7 +36,7 @@ class Decision:
 
     @property
     def reason(self) -> str:
-        verdict = "promoted" if self.accepted else "refused: it scores worse than the current default"
+        verdict = "promoted" if self.accepted else "refused: it scores below the current default"
         return (f"{self.candidate} CPM {self.candidate_cpm:.4f} vs {self.current} CPM {self.current_cpm:.4f} "
                 f"on {self.eval_set}: {verdict}")
 
@@ -44,7 +52,8 @@ def decide(candidate: ModelSpec, current: ModelSpec, scans: list[EvalScan], eval
            bootstraps: int = 0) -> Decision:
     cand_cpm = cpm_on(candidate, scans, bootstraps)
     cur_cpm = cpm_on(current, scans, bootstraps)
-    return Decision(candidate.info.name, current.info.name, cand_cpm, cur_cpm, eval_set, cand_cpm >= cur_cpm)
+    return Decision(candidate.info.name, current.info.name, cand_cpm, cur_cpm, eval_set,
+                    at_least_as_good(cand_cpm, cur_cpm))
 
 
 def install(spec: ModelSpec, models_dir: Path) -> None:

@@ -1,0 +1,54 @@
+"""The human-readable model card (NAME.md) beside the JSON one: generated from the JSON card, with any
+sections written by hand after the generated part kept when it is regenerated."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lungnode.models.registry import ModelCard
+
+
+def card_markdown(card: ModelCard) -> str:
+    inf = card.inference
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items()) or "| (not evaluated) | |"
+    return f"""# {card.name} (version {card.version})
+
+{card.description}. **Not a medical device.**
+
+- Created: {card.created}
+- Network: MONAI RetinaNet, small 3D ResNet + FPN backbone, {card.parameters:,} parameters; ONNX opset {card.onnx_opset}
+  (`{card.onnx_file}`, sha256 `{card.onnx_sha256}`), PyTorch state dict `{card.state_dict_file}`
+- Input: body crop resampled to {inf.spacing_mm} mm (i, j, k), HU clipped to {inf.window_hu} and scaled to 0..1
+- Sliding window {inf.roi_size} voxels, overlap {inf.overlap}; training patches {inf.patch_size}
+- Anchors (voxels, i j k): {card.anchor_shapes_voxels}
+- Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
+- Test-time augmentation: {f"{len(inf.tta_flips)} views, mirrored along model axes {[list(f) for f in inf.tta_flips]}, scores fused (inference/tta.py)" if inf.tta_flips else "none"}
+- Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
+- Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
+- Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
+- Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
+
+## Held-out phantoms (seeds {card.data.eval_seeds})
+
+A nodule is found when a detection's centre lies within its radius; detections elsewhere are false positives.
+
+| metric | value |
+|---|---|
+{metrics}
+
+{LIMITS}"""
+
+
+LIMITS = """## Limits
+
+Synthetic phantoms are far simpler than patient CT: figures here say the pipeline works, not how it
+performs clinically.
+"""
+
+
+def rewrite_card_markdown(card_path: Path) -> None:
+    """Regenerate NAME.md from the JSON card (after its metrics changed), keeping the sections written by
+    hand after the generated part."""
+    md = card_path.with_suffix(".md")
+    old = md.read_text() if md.is_file() else ""
+    notes = old[old.index(LIMITS) + len(LIMITS):] if LIMITS in old else ""
+    md.write_text(card_markdown(ModelCard.model_validate_json(card_path.read_text())) + notes)
