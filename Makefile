@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=69" wheel
 	$(BIN)/pip install -q torch==2.13.0
+	@# x86-64 Linux takes onnxruntime-openvino in place of onnxruntime (both install the module
+	@# onnxruntime): an older venv's plain build goes first, or the two would overwrite each other.
+	@if [ "$$(uname -sm)" = "Linux x86_64" ] && $(BIN)/pip show -q onnxruntime 2>/dev/null; then \
+		$(BIN)/pip uninstall -q -y onnxruntime onnxruntime-ep-openvino onnxruntime-openvino; fi
 	$(BIN)/pip install -q -e ".[test]"
 	@touch $(STAMP)
 

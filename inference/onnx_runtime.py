@@ -1,17 +1,19 @@
 """Which ONNX Runtime execution provider runs the network, and at what precision.
 
-ONNX Runtime's own CPU provider runs 3D convolutions through im2col + GEMM: on the 2-core Xeon
-this project is measured on it is about half as fast as PyTorch's oneDNN kernels. The OpenVINO
-execution provider (the ``onnxruntime-ep-openvino`` plugin, installed beside ``onnxruntime`` on
-x86-64 Linux) has direct 3D convolution kernels and, on CPUs with AMX or AVX-512 BF16, runs them
-in bfloat16. ``auto`` takes a CUDA GPU when ``onnxruntime-gpu`` sees one, else OpenVINO when the
-plugin is installed, else the plain CPU provider, so the same model file runs everywhere.
+ONNX Runtime's own CPU provider runs 3D convolutions through im2col + GEMM: on the 2-core servers
+this project is measured on it is about half as fast as PyTorch's oneDNN kernels. OpenVINO's
+execution provider has direct 3D convolution kernels and, on CPUs with AMX or AVX-512 BF16, can
+run them in bfloat16. On x86-64 Linux the project installs ``onnxruntime-openvino`` (ONNX Runtime
+built with that provider, in place of plain ``onnxruntime``): it takes Intel and AMD processors
+alike, where the newer ``onnxruntime-ep-openvino`` plugin offers none but Intel's. ``auto`` takes a
+CUDA GPU when ``onnxruntime-gpu`` sees one, else OpenVINO when this ONNX Runtime has it, else the
+plain CPU provider, so the same model file runs everywhere.
 """
 from __future__ import annotations
 
 import json
 import logging
-import threading
+from pathlib import Path
 from typing import Literal, get_args
 
 log = logging.getLogger(__name__)
@@ -22,41 +24,31 @@ PROVIDERS: tuple[str, ...] = get_args(Provider)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 OPENVINO_EP = "OpenVINOExecutionProvider"
-_registered = threading.Lock()
-_openvino_ready: bool | None = None
+_EPS = {"cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"], "openvino": [OPENVINO_EP, "CPUExecutionProvider"],
+        "cpu": ["CPUExecutionProvider"]}
 
 
 def openvino_available() -> bool:
-    """Register the OpenVINO plugin with ONNX Runtime once per process; False when it is not installed."""
-    global _openvino_ready
-    with _registered:
-        if _openvino_ready is None:
-            try:
-                import onnxruntime as ort
-                import onnxruntime_ep_openvino as plugin
-            except ImportError:
-                _openvino_ready = False
-            else:
-                try:
-                    ort.register_execution_provider_library(OPENVINO_EP, plugin.get_library_path())
-                    _openvino_ready = bool(_openvino_cpus())
-                except Exception as exc:  # a plugin built for another ONNX Runtime ABI
-                    log.warning("OpenVINO execution provider not usable: %s", exc)
-                    _openvino_ready = False
-        return _openvino_ready
-
-
-def _openvino_cpus() -> list:
     import onnxruntime as ort
 
-    return [d for d in ort.get_ep_devices()
-            if d.ep_name == OPENVINO_EP and d.device.type == ort.OrtHardwareDeviceType.CPU]
+    return OPENVINO_EP in ort.get_available_providers()
 
 
 def cuda_available() -> bool:
     import onnxruntime as ort
 
     return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16): then OpenVINO runs the
+    network in bfloat16, as OpenVINO's own default does on such processors."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_provider(provider: str) -> str:
@@ -69,10 +61,15 @@ def resolve_provider(provider: str) -> str:
         raise RuntimeError("ONNX provider 'cuda' asked for but this onnxruntime has no CUDA provider: "
                            "install onnxruntime-gpu on the GPU server, or set onnx_provider to auto")
     if provider == "openvino" and not openvino_available():
-        raise RuntimeError("ONNX provider 'openvino' asked for but the onnxruntime-ep-openvino plugin is not "
-                           "installed (x86-64 Linux only): pip install onnxruntime-ep-openvino, or set "
-                           "onnx_provider to auto")
+        raise RuntimeError("ONNX provider 'openvino' asked for but this onnxruntime has no OpenVINO provider "
+                           "(the onnxruntime-openvino package, x86-64 Linux): pip install onnxruntime-openvino "
+                           "in place of onnxruntime, or set onnx_provider to auto")
     return provider
+
+
+def openvino_precision(precision: str) -> str:
+    """OpenVINO's inference precision for our ``precision`` setting on this CPU."""
+    return "bf16" if precision == "auto" and cpu_has_bf16() else "f32"
 
 
 def create_session(onnx_path: str, threads: int = 0, provider: str = "auto", precision: str = "auto"):
@@ -86,16 +83,13 @@ def create_session(onnx_path: str, threads: int = 0, provider: str = "auto", pre
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    options: list[dict] | None = None
     if chosen == "openvino":
-        cpu: dict[str, str] = {}
+        cpu = {"INFERENCE_PRECISION_HINT": openvino_precision(precision)}
         if threads > 0:
             cpu["INFERENCE_NUM_THREADS"] = str(threads)
-        if precision == "f32":
-            cpu["INFERENCE_PRECISION_HINT"] = "f32"
-        opts.add_provider_for_devices(_openvino_cpus(), {"load_config": json.dumps({"CPU": cpu})} if cpu else {})
-        session = ort.InferenceSession(onnx_path, sess_options=opts)
-    else:
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if chosen == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(onnx_path, sess_options=opts, providers=providers)
-    log.info("ONNX Runtime session for %s on %s (precision %s)", onnx_path, session.get_providers()[0], precision)
+        options = [{"device_type": "CPU", "load_config": json.dumps({"CPU": cpu})}, {}]
+    session = ort.InferenceSession(onnx_path, sess_options=opts, providers=_EPS[chosen], provider_options=options)
+    log.info("ONNX Runtime session for %s on %s (%s)", onnx_path, session.get_providers()[0],
+             openvino_precision(precision) if chosen == "openvino" else "f32")
     return session

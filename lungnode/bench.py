@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -95,10 +96,11 @@ class DetectRun:
 
 def detect_runs() -> list[DetectRun]:
     """What `make bench` compares: the node's default (auto), ONNX Runtime's CPU provider, PyTorch."""
-    from lungnode.inference.onnx_runtime import resolve_provider
+    from lungnode.inference.onnx_runtime import openvino_precision, resolve_provider
 
     default = resolve_provider("auto")
-    runs = [DetectRun(f"ONNX Runtime, {default} (node default)", "onnxruntime", default)]
+    precision = f" {openvino_precision('auto')}" if default == "openvino" else ""
+    runs = [DetectRun(f"ONNX Runtime, {default}{precision} (node default)", "onnxruntime", default)]
     if default == "openvino":
         runs.append(DetectRun("ONNX Runtime, openvino f32", "onnxruntime", "openvino", "f32"))
     if default != "cpu":
@@ -210,11 +212,25 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} missing: apt-get install dcmtk orthanc", file=sys.stderr)
             return 2
+    print(machine())
     if not args.skip_receive:
         print_receive(series, args.runs)
     if not args.skip_detect:
         print_detect(bench_detect(series, args.threads), len(series), args.threads)
     return 0
+
+
+def machine() -> str:
+    """The processor the figures were taken on: they differ between Intel and AMD, with and without
+    native bfloat16."""
+    from lungnode.inference.onnx_runtime import cpu_has_bf16
+
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"Machine: {name}, {os.cpu_count()} CPUs, native bfloat16: {'yes' if cpu_has_bf16() else 'no'}"
 
 
 def print_receive(series: list[Path], runs: int) -> None:

@@ -1,13 +1,15 @@
 """The shipped model, through the Detector, on a phantom it never saw: finds the nodules, in world mm."""
 from __future__ import annotations
 
+import platform
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lungnode.inference.detector import Detector
-from lungnode.inference.onnx_runtime import cuda_available, openvino_available
+from lungnode.inference.onnx_runtime import cpu_has_bf16, cuda_available, openvino_available, resolve_provider
 from lungnode.inference.types import Volume
 from lungnode.models.registry import ModelIntegrityError, ModelNotFoundError, load_model
 from lungnode.training.data import PhantomSettings, phantom_volume
@@ -129,7 +131,7 @@ def test_onnxruntime_and_torch_give_the_same_detections(spec, phantom, f32_detec
 
 def test_openvino_in_f32_gives_the_reference_detections(spec, phantom, f32_detections):
     if not openvino_available():
-        pytest.skip("onnxruntime-ep-openvino is not installed (x86-64 Linux only)")
+        pytest.skip("this onnxruntime has no OpenVINO provider (onnxruntime-openvino is for x86-64 Linux only)")
     _assert_same(Detector(spec, provider="openvino", precision="f32").detect(phantom[0]), f32_detections)
 
 
@@ -142,6 +144,25 @@ def test_the_node_default_finds_what_the_f32_reference_finds(phantom, ort_detect
         near = [d for d in ort_detections if np.linalg.norm(np.subtract(d.center_mm, ref.center_mm)) < 2.0]
         if ref.score >= 0.97:  # clear of the threshold: it must be there, with about the same score
             assert near and abs(near[0].score - ref.score) < 0.02, (ref, ort_detections)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="onnxruntime-openvino is installed on x86-64 Linux only")
+def test_on_x86_64_linux_the_node_runs_openvino_whoever_made_the_cpu():
+    """The install must give the node OpenVINO on Intel and AMD servers alike (the plugin build
+    offered it on Intel only, leaving AMD servers on the 3-4x slower CPU provider)."""
+    assert resolve_provider("auto") in ("openvino", "cuda")
+
+
+def test_bfloat16_is_chosen_from_the_cpu_flags(tmp_path):
+    def flags(line: str) -> Path:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {line}\n")
+        return tmp_path / "cpuinfo"
+
+    assert cpu_has_bf16(flags("fpu sse2 avx2 avx512f avx512_bf16"))
+    assert cpu_has_bf16(flags("fpu sse2 avx512f amx_bf16 amx_tile"))
+    assert not cpu_has_bf16(flags("fpu sse2 avx2 avx512f avx512bw"))
+    assert not cpu_has_bf16(tmp_path / "missing")
 
 
 def test_an_unknown_or_missing_provider_is_a_clear_error(spec):
