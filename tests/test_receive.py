@@ -227,10 +227,11 @@ def test_multiframe_enhanced_ct_is_received_selected_and_loaded(scp, small_ct_se
     assert volume.slices[7].frame_number is not None
 
 
-def _associate(scp: StorageSCP, aet: str = "PACS"):
+def _associate(scp: StorageSCP, aet: str = "PACS", evt_handlers=()):
     ae = AE(ae_title=aet)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE",
+                         evt_handlers=list(evt_handlers))
     assert assoc.is_established
     return assoc
 
@@ -288,13 +289,18 @@ def test_command_sets_are_read_as_pynetdicom_writes_them(small_ct_series):
 def test_malformed_command_set_is_aborted_and_node_keeps_serving(scp, small_ct_series):
     import struct
 
-    assoc = _associate(scp)
-    raw = assoc.dul.socket.socket
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ABORT_RQ
+
+    received = []  # the PDUs the node sends back, as the requestor's own reader sees them
+    assoc = _associate(scp, evt_handlers=[(evt.EVT_PDU_RECV, lambda event: received.append(event.pdu))])
     command = _c_store_command(pydicom.dcmread(small_ct_series[0]))[:-5]  # cut inside its last element
-    raw.sendall(struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
-    raw.settimeout(10)
-    assert raw.recv(16)[:1] == bytes([7])  # A-ABORT
-    assoc.abort()
+    assoc.dul.socket.socket.sendall(
+        struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(isinstance(pdu, A_ABORT_RQ) for pdu in received)  # the node answered with A-ABORT
     assert storescu(scp, small_ct_series[:2]).returncode == 0
     assert len(stored_files(scp)) == 2
 
