@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lungnode.cli import main
-from lungnode.models.registry import DEFAULT_MODEL, REGISTRY_FILE, load_model
+from lungnode.models.registry import REGISTRY_FILE, load_model
 from lungnode.models.retinanet import NetConfig, build_network
 from lungnode.training.export import export
 from lungnode.training.fit import load_config
@@ -45,15 +45,23 @@ def untrained_model(tmp_path) -> Path:
 
 
 def test_promotion_refuses_a_worse_model(untrained_model, tmp_path, capsys):
-    registry_dir = tmp_path / "registry"
+    import shutil
+
+    from lungnode.models.registry import MODELS_DIR
+
+    registry_dir = tmp_path / "registry"  # a site's registry whose default is the shipped one
     registry_dir.mkdir()
+    shutil.copy(MODELS_DIR / REGISTRY_FILE, registry_dir / REGISTRY_FILE)
+    shipped = json.loads((MODELS_DIR / REGISTRY_FILE).read_text())
     code = main(["train", "promote", str(untrained_model), "--phantoms", *HELD_OUT, "--models-dir", str(registry_dir)])
     assert code == 1
     assert "refused" in capsys.readouterr().out
     registry = json.loads((registry_dir / REGISTRY_FILE).read_text())
-    assert registry["default"] == DEFAULT_MODEL
-    (entry,) = registry["history"]
-    assert entry["accepted"] is False and entry["candidate_cpm"] < entry["current_cpm"]
+    assert registry["default"] == shipped["default"]
+    assert len(registry["history"]) == len(shipped["history"]) + 1
+    entry = registry["history"][-1]
+    assert entry["current"] == shipped["default"] and entry["accepted"] is False
+    assert entry["candidate_cpm"] < entry["current_cpm"]
     assert not (registry_dir / "untrained.onnx").exists()
 
 

@@ -188,3 +188,23 @@ def test_dicom_dataset_has_one_series_per_phantom(tmp_path):
     e = json.loads(datalist.read_text())["training"][0]
     files = list((tmp_path / e["image"]).glob("*.dcm"))
     assert len(files) == make_phantom(phantom_seed(3, 0), spacing=(2.8, 2.8, 5.0)).hu.shape[0]
+
+
+def test_vessel_branches_taper_to_a_point_inside_the_lung():
+    """A branch that stops at full width (pleura ahead, or the tube cap) would be a round bright cap,
+    a nodule look-alike; every such end must thin out to a tip inside the lung instead."""
+    from lungnode.training.synth import _Grid, _grow_trees
+
+    grid = _Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
+    z, y, x = grid.box_coords(tuple(slice(0, n) for n in grid.shape))
+    lung = (x**2 + y**2 + z**2) < 65.0**2
+    roots = [(np.zeros(3), np.array(d, float), 4.0) for d in np.vstack([np.eye(3), -np.eye(3)])]
+    tubes = _grow_trees(np.random.default_rng(3), grid, lung, roots, min_radius=0.6, max_tubes=120,
+                        length=(5.0, 9.0))  # the pleura stops some branches, the cap of 120 the rest
+    starts = {t.p0 for t in tubes}
+    leaves = [t for t in tubes if t.p1 not in starts]
+    assert len(leaves) > 20
+    assert max(t.r1 for t in leaves) <= 1.5  # no wide open end (the roots are 4 mm)
+    cones = [t for t in leaves if t.r1 == 0.3]
+    assert len(cones) >= 10, "the pleura and the cap stop wide branches here: their ends must be cones"
+    assert grid.inside(lung, np.array([t.p1 for t in cones])).mean() > 0.9

@@ -24,6 +24,7 @@ from lungnode.inference.detector import PreparedImage, prepare
 from lungnode.inference.tta import mirror_boxes
 from lungnode.inference.types import Volume
 from lungnode.models.registry import InferenceSettings
+from lungnode.training.synth import GENERATOR_VERSION
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,10 @@ def build_scan_cache(cache_root: Path, scans: list[tuple[Path, list[list[float]]
 def build_cache(cache_root: Path, seeds: list[int], mix: PhantomMix, inf: InferenceSettings, processes: int = 1) -> list[Path]:
     """The prepared phantoms for ``seeds`` (made where missing, ``processes`` at a time).
 
-    The cache folder is keyed by the phantom and preprocessing settings, so changing either never
-    reuses stale images.
+    The cache folder is keyed by the phantom and preprocessing settings and the generator's version,
+    so changing any of them never reuses stale images.
     """
-    key = hashlib.sha1(json.dumps([asdict(mix), _preprocessing(inf)], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([asdict(mix), _preprocessing(inf), GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()
     cache_dir = cache_root / key[:12]
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cache_dir, seed, mix.for_seed(seed), inf) for seed in seeds]

@@ -27,6 +27,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 KINDS = ("solid", "part-solid", "ground-glass")
+# Bumped whenever the same seed draws a different phantom, so cached training images are remade.
+# 2: vessel branches that stop at full width taper to a point instead of ending in a round cap.
+GENERATOR_VERSION = 2
 ATTACHMENTS = ("none", "pleural", "vascular")
 _KIND_WEIGHTS = {"solid": 0.6, "part-solid": 0.2, "ground-glass": 0.2}
 _ATTACHMENT_WEIGHTS = {"none": 0.4, "pleural": 0.3, "vascular": 0.3}
@@ -459,10 +462,13 @@ def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray
     r = np.array([r[2] for r in roots], float)
     home = origin.copy()
     tubes: list[_Tube] = []
+    ends: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # branches stopped at full width
     while len(p) and len(tubes) < max_tubes:
         room = (max_tubes - len(tubes)) // 2
         if len(p) > room:
-            keep = rng.choice(len(p), room, replace=False)
+            keep = np.zeros(len(p), bool)
+            keep[rng.choice(len(p), room, replace=False)] = True
+            ends.append((p[~keep], d[~keep], r[~keep]))
             p, d, r, home = p[keep], d[keep], r[keep], home[keep]
         n = len(p)
         seg = np.minimum(r * rng.uniform(*length, n) + 4.0, 40.0)[:, None]
@@ -487,6 +493,7 @@ def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray
             d[bad] = _units(d[bad] + 0.8 * _perpendiculars(d[bad], rng))
             if done.all():
                 break
+        ends.append((p[~done], d[~done], r[~done]))
         r_mid = (r + r_end) / 2
         for a, b, c, r0, r1, r2 in zip(p[done].tolist(), q1[done].tolist(), q2[done].tolist(), r[done].tolist(),
                                        r_mid[done].tolist(), r_end[done].tolist()):
@@ -505,7 +512,29 @@ def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray
             live = rr >= min_radius
             kids_p.append(p[live]), kids_d.append(nd[live]), kids_r.append(rr[live]), kids_h.append(home[live])
         p, d, r, home = (np.concatenate(k) for k in (kids_p, kids_d, kids_r, kids_h))
-    return tubes
+    ends.append((p, d, r))
+    return tubes + _tapered_ends(rng, grid, lung, *(np.concatenate(e) for e in zip(*ends)), min_radius=min_radius)
+
+
+def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarray, r: np.ndarray, *,
+                  min_radius: float) -> list[_Tube]:
+    """A cone to a fine tip on every branch that stopped at full width (at the pleura or the cap).
+
+    Real vessels thin out towards the periphery; a wide branch ending in a round cap is a bright
+    blob that looks like a nodule, and the first models learnt to fire on exactly those. The cone
+    is shortened (up to three halvings) until its tip lies inside the lung.
+    """
+    out = []
+    wide = r > 1.5 * min_radius
+    for p0, d0, r0 in zip(p[wide], d[wide], r[wide]):
+        length = r0 * rng.uniform(5.0, 8.0)
+        for _ in range(4):
+            tip = p0 + d0 * length
+            if grid.inside(lung, tip):
+                break
+            length /= 2
+        out.append(_Tube(tuple(p0.tolist()), tuple(tip.tolist()), float(r0), 0.3))
+    return out
 
 
 def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, cb, cav_yc, r_cav2, cav_scale) -> None:
