@@ -21,6 +21,7 @@ from lungnode.models.registry import DataInfo, ModelCard, TrainingInfo, load_mod
 from lungnode.models.retinanet import NetConfig, build_network, count_parameters
 from lungnode.training.card_markdown import card_markdown
 from lungnode.training.fit import TrainConfig
+from lungnode.training.synth import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -118,7 +119,8 @@ def export(
             device="cuda" if torch.cuda.is_available() else f"cpu ({cfg.threads} threads)",
         ),
         data=DataInfo(
-            description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom; training: "
+            description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom "
+            f"(generator {GENERATOR_VERSION}); training: "
             f"{cfg.phantoms.model_spacing_fraction:.0%} made at the model spacing, the rest at in-plane "
             f"{cfg.phantoms.native_inplane_mm} mm / slice {cfg.phantoms.native_slice_mm} mm and resampled, "
             f"field of view {cfg.phantoms.field_of_view_mm} mm, {cfg.phantoms.n_nodules[0]}-{cfg.phantoms.n_nodules[1]} "
