@@ -19,7 +19,7 @@ from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
 from lungnode.inference.series_selection import select_series
 from lungnode.inference.volume import load_volume
-from lungnode.peers import PEER_ENV, free_port
+from lungnode.peers import PEER_ENV, free_port, wait_for
 from tests.conftest import need_tool
 
 
@@ -297,10 +297,7 @@ def test_malformed_command_set_is_aborted_and_node_keeps_serving(scp, small_ct_s
     command = _c_store_command(pydicom.dcmread(small_ct_series[0]))[:-5]  # cut inside its last element
     assoc.dul.socket.socket.sendall(
         struct.pack(">BxIIBB", 4, len(command) + 6, len(command) + 2, 1, 0x03) + command)
-    deadline = time.monotonic() + 10
-    while not assoc.is_aborted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert any(isinstance(pdu, A_ABORT_RQ) for pdu in received)  # the node answered with A-ABORT
+    wait_for(lambda: any(isinstance(pdu, A_ABORT_RQ) for pdu in received), 10, "the node's A-ABORT", 0.05)
     assert storescu(scp, small_ct_series[:2]).returncode == 0
     assert len(stored_files(scp)) == 2
 

@@ -522,19 +522,16 @@ def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarr
 
     Real vessels thin out towards the periphery; a wide branch ending in a round cap is a bright
     blob that looks like a nodule, and the first models learnt to fire on exactly those. The cone
-    is shortened (up to three halvings) until its tip lies inside the lung.
+    is shortened (up to three halvings) until its tip lies inside the lung, else kept at the shortest.
     """
-    out = []
     wide = r > 1.5 * min_radius
-    for p0, d0, r0 in zip(p[wide], d[wide], r[wide]):
-        length = r0 * rng.uniform(5.0, 8.0)
-        for _ in range(4):
-            tip = p0 + d0 * length
-            if grid.inside(lung, tip):
-                break
-            length /= 2
-        out.append(_Tube(tuple(p0.tolist()), tuple(tip.tolist()), float(r0), 0.3))
-    return out
+    p, d, r = p[wide], d[wide], r[wide]
+    lengths = (r * rng.uniform(5.0, 8.0, len(r)))[:, None] / [1.0, 2.0, 4.0, 8.0]  # (ends, tries)
+    tips = p[:, None] + d[:, None] * lengths[..., None]
+    inside = grid.inside(lung, tips)
+    first = np.where(inside.any(axis=1), inside.argmax(axis=1), 3)  # the longest inside, else the shortest
+    tips = tips[np.arange(len(r)), first]
+    return [_Tube(tuple(a), tuple(b), r0, 0.3) for a, b, r0 in zip(p.tolist(), tips.tolist(), r.tolist())]
 
 
 def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, cb, cav_yc, r_cav2, cav_scale) -> None:
