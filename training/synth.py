@@ -525,6 +525,8 @@ def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarr
     is shortened (up to three halvings) until its tip lies inside the lung, else kept at the shortest.
     """
     wide = r > 1.5 * min_radius
+    if not wide.any():  # also a tree with no roots (a small field of view), whose arrays are 1-D
+        return []
     p, d, r = p[wide], d[wide], r[wide]
     lengths = (r * rng.uniform(5.0, 8.0, len(r)))[:, None] / [1.0, 2.0, 4.0, 8.0]  # (ends, tries)
     tips = p[:, None] + d[:, None] * lengths[..., None]
