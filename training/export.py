@@ -26,7 +26,8 @@ from lungnode.training.synth import GENERATOR_VERSION
 log = logging.getLogger(__name__)
 OPSET = 17
 MAX_ABS_DIFF = 1e-3
-SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)  # candidate score thresholds
+# Candidate score thresholds; the top is fine-grained because a flip-TTA model's scores crowd near 1.
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99)
 
 
 def export_onnx(net: torch.nn.Module, path: Path, example_size: tuple[int, int, int], levels: int) -> None:
