@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import poisson
 
 from lungnode.inference.detector import Detector
 from lungnode.inference.onnx_runtime import cpu_has_bf16, cuda_available, openvino_available, resolve_provider
@@ -79,8 +80,11 @@ def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections, spec):
     for hit, d in zip(m.hits, diameters):
         if d >= 6:
             assert hit, f"missed a {d} mm nodule: {ph.nodules} vs {ort_detections}"
-    # Far more false positives than the card's held-out FP/scan at its threshold is a regression.
-    assert m.false_positives <= 1.5 * float(spec.card.metrics["false_positives_per_scan"]) + 1, ort_detections
+    # Far more false positives than the card's FP/scan at its threshold is a regression. One scan's count
+    # scatters around that mean (v8: 0 to 4 on its 20 held-out phantoms at a mean of 1.7), so the bound is
+    # the count a Poisson variable with the card's mean exceeds once in a thousand scans.
+    bound = poisson.ppf(0.999, float(spec.card.metrics["false_positives_per_scan"]))
+    assert m.false_positives <= bound, (m.false_positives, bound, ort_detections)
     assert [d.score for d in ort_detections] == sorted((d.score for d in ort_detections), reverse=True)
     for det in ort_detections:
         lo, hi = np.array(det.box_mm[:3]), np.array(det.box_mm[3:])
