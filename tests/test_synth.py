@@ -208,3 +208,25 @@ def test_vessel_branches_taper_to_a_point_inside_the_lung():
     cones = [t for t in leaves if t.r1 == 0.3]
     assert len(cones) >= 10, "the pleura and the cap stop wide branches here: their ends must be cones"
     assert grid.inside(lung, np.array([t.p1 for t in cones])).mean() > 0.9
+
+
+def test_airway_branches_all_end_in_cones():
+    """Airways stop at a 2 mm lumen; a bronchus that ended there open and round was a hollow ring with
+    a wall, the early models' commonest false positive. With taper_from=0 every end is a cone."""
+    from lungnode.training.synth import _Grid, _grow_trees
+
+    grid = _Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
+    z, y, x = grid.box_coords(tuple(slice(0, n) for n in grid.shape))
+    lung = (x**2 + y**2 + z**2) < 65.0**2
+    roots = [(np.zeros(3), np.array(d, float), 6.0) for d in np.vstack([np.eye(3), -np.eye(3)])]
+    tubes = _grow_trees(np.random.default_rng(5), grid, lung, roots, min_radius=2.0, max_tubes=60,
+                        length=(4.0, 7.0), taper_from=0.0)
+    starts = {t.p0 for t in tubes}
+    leaves = [t for t in tubes if t.p1 not in starts]
+    assert len(leaves) >= 6
+    assert all(t.r1 == 0.3 for t in leaves), sorted(t.r1 for t in leaves)
+    # Without the taper (generator 2's airways) the same trees end in wide open caps.
+    untapered = _grow_trees(np.random.default_rng(5), grid, lung, roots, min_radius=2.0, max_tubes=60,
+                            length=(4.0, 7.0), taper_from=1e9)
+    starts = {t.p0 for t in untapered}
+    assert min(t.r1 for t in untapered if t.p1 not in starts) >= 2.0 * 0.9

@@ -29,7 +29,9 @@ from scipy import ndimage
 KINDS = ("solid", "part-solid", "ground-glass")
 # Bumped whenever the same seed draws a different phantom, so cached training images are remade.
 # 2: vessel branches that stop at full width taper to a point instead of ending in a round cap.
-GENERATOR_VERSION = 2
+# 3: airways taper to a point too (no hollow round caps), and their walls scale with the lumen
+#    (18-30 % of its radius, not a fixed 1.2-2.2 mm that made small bronchi thick rings).
+GENERATOR_VERSION = 3
 ATTACHMENTS = ("none", "pleural", "vascular")
 _KIND_WEIGHTS = {"solid": 0.6, "part-solid": 0.2, "ground-glass": 0.2}
 _ATTACHMENT_WEIGHTS = {"none": 0.4, "pleural": 0.3, "vascular": 0.3}
@@ -393,7 +395,7 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
         down = _units(np.array([sign * 0.6, 0.1, -0.8]))
         up = _units(np.array([sign * 0.5, 0.1, 0.85]))
         airways += _grow_trees(rng, grid, lung, [(hilum, down, r_mb * 0.75), (hilum, up, r_mb * 0.6)],
-                               min_radius=2.0, max_tubes=60, length=(4.0, 7.0))
+                               min_radius=2.0, max_tubes=60, length=(4.0, 7.0), taper_from=0.0)
         # Pulmonary arteries and veins: trunks leave points spread up and down the hilum toward
         # random points in the lung, so the trees reach every lobe.
         n_roots = int(rng.integers(14, 20))
@@ -409,11 +411,13 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     # Vessels stay inside the pleura; near the hilum they merge with the mediastinum.
     near_hilum = lung | med
     _paint_tubes(hu, grid, vessels, vessel_hu, edge, within=near_hilum)
-    wall = rng.uniform(1.2, 2.2)
-    _paint_tubes(hu, grid, airways, 35.0, edge, grow=wall)
+    # Bronchial walls are a fraction of the lumen's radius, thinning with it down to the tips.
+    wall = rng.uniform(0.18, 0.3)
+    walls = [_Tube(t.p0, t.p1, t.r0 * (1 + wall), t.r1 * (1 + wall)) for t in airways]
+    _paint_tubes(hu, grid, walls, 35.0, edge)
     _paint_tubes(hu, grid, airways, -1000.0, edge)
-    for t in airways:  # airway lumens are not lung parenchyma for nodule placement
-        cov = _tube_coverage(grid, t, wall, edge)
+    for t in walls:  # airways are not lung parenchyma for nodule placement
+        cov = _tube_coverage(grid, t, 0.0, edge)
         if cov is not None:
             lung[cov[0]] &= ~(cov[1] > 0.5)
 
@@ -449,12 +453,14 @@ def _lung_points(rng, grid: _Grid, lung: np.ndarray, n: int, *, x_sign: float) -
 
 
 def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray, float]], *,
-                min_radius: float, max_tubes: int, length: tuple[float, float]) -> list[_Tube]:
+                min_radius: float, max_tubes: int, length: tuple[float, float],
+                taper_from: float | None = None) -> list[_Tube]:
     """Branching tapered trees from the hilum outwards, grown a generation at a time for all roots.
 
     Pieces may cross the mediastinum until a branch has entered the lung; after that a branch whose
     next piece would leave the lung tries a few other courses and then ends. When the cap is near,
-    a random part of the youngest generation is kept, so the cap prunes the finest twigs.
+    a random part of the youngest generation is kept, so the cap prunes the finest twigs. Every end
+    wider than ``taper_from`` (default 1.5 x min_radius) gets a cone to a fine tip.
     """
     origin = np.array([r[0] for r in roots], float)
     p = origin.copy()
@@ -505,26 +511,31 @@ def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray
         outward = _units(p - home)
         u = _perpendiculars(d, rng)
         kids_p, kids_d, kids_r, kids_h = [], [], [], []
+        parent = np.zeros(n, bool)
         for ratio, angle, sign in (((0.8, 0.93), (0.15, 0.45), 1.0), ((0.65, 0.88), (0.5, 1.0), -1.0)):
             rr = r_end * rng.uniform(*ratio, n)
             ang = rng.uniform(*angle, n)[:, None]
             nd = _units(np.cos(ang) * d + sign * np.sin(ang) * u + 0.3 * outward)
             live = rr >= min_radius
+            parent |= live
             kids_p.append(p[live]), kids_d.append(nd[live]), kids_r.append(rr[live]), kids_h.append(home[live])
+        ends.append((p[~parent], d[~parent], r_end[~parent]))  # both children too thin: the branch ends here
         p, d, r, home = (np.concatenate(k) for k in (kids_p, kids_d, kids_r, kids_h))
     ends.append((p, d, r))
-    return tubes + _tapered_ends(rng, grid, lung, *(np.concatenate(e) for e in zip(*ends)), min_radius=min_radius)
+    taper_from = 1.5 * min_radius if taper_from is None else taper_from
+    return tubes + _tapered_ends(rng, grid, lung, *(np.concatenate(e) for e in zip(*ends)), taper_from=taper_from)
 
 
 def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarray, r: np.ndarray, *,
-                  min_radius: float) -> list[_Tube]:
+                  taper_from: float) -> list[_Tube]:
     """A cone to a fine tip on every branch that stopped at full width (at the pleura or the cap).
 
     Real vessels thin out towards the periphery; a wide branch ending in a round cap is a bright
     blob that looks like a nodule, and the first models learnt to fire on exactly those. The cone
     is shortened (up to three halvings) until its tip lies inside the lung, else kept at the shortest.
+    The same holds for airways, whose hollow round caps were the first models' commonest false positive.
     """
-    wide = r > 1.5 * min_radius
+    wide = r > taper_from
     if not wide.any():  # also a tree with no roots (a small field of view), whose arrays are 1-D
         return []
     p, d, r = p[wide], d[wide], r[wide]
