@@ -17,7 +17,7 @@ from lungnode.training.data import PhantomSettings, phantom_volume
 from lungnode.training.eval_run import match as luna16_match
 from lungnode.training.froc import Annotation, candidates_from_detections
 
-SEED = 424242  # not a training (1000-1239) or card evaluation (900000-900019) seed
+SEED = 424242  # not a training (1000-1599) or card evaluation (900000-900049) seed
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,11 @@ def spec():
 
 @pytest.fixture(scope="module")
 def phantom():
-    """A default (512 x 512, 0.7 x 0.7 x 2.5 mm) phantom as a Volume built from its arrays."""
-    return phantom_volume(SEED, PhantomSettings())
+    """A default (512 x 512, 0.7 x 0.7 x 2.5 mm) phantom as a Volume built from its arrays, with three
+    nodules of 10-25 mm: sizes the model finds reliably (v8's card: CPM 0.94 at 10-20 mm, 1.0 above). One
+    phantom cannot test the 4-10 mm ones, which the model finds only about half the time: the card's
+    20 held-out phantoms measure those."""
+    return phantom_volume(SEED, PhantomSettings(n_nodules=(3, 3), diameter_range_mm=(10.0, 25.0)))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,7 @@ def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections, spec):
     assert len(ph.nodules) >= 1
     m = match(ort_detections, centers, diameters)
     for hit, d in zip(m.hits, diameters):
-        if d >= 6:
-            assert hit, f"missed a {d} mm nodule: {ph.nodules} vs {ort_detections}"
+        assert hit, f"missed a {d} mm nodule: {ph.nodules} vs {ort_detections}"
     # Far more false positives than the card's FP/scan at its threshold is a regression. One scan's count
     # scatters around that mean (v8: 0 to 4 on its 20 held-out phantoms at a mean of 1.7), so the bound is
     # the count a Poisson variable with the card's mean exceeds once in a thousand scans.
