@@ -6,7 +6,7 @@ NMS are the same code for both; only the network call differs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.onnx_runtime import create_session
+from lungnode.inference.rescoring import Rescorer
 from lungnode.inference.tta import fuse_views, mirror_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
@@ -135,6 +136,17 @@ def prepare(volume: Volume, settings: InferenceSettings, crop_body: bool = True,
                          axes=axes, flipped=flipped)
 
 
+@dataclass
+class Candidates:
+    """The network's candidates for one volume: model-voxel boxes and scores in ``prepared``, and
+    the same as world-mm Detections (aligned)."""
+
+    prepared: PreparedImage
+    boxes: np.ndarray  # (N, 6) MONAI corners in prepared.image
+    scores: np.ndarray  # (N,)
+    detections: list[Detection]
+
+
 class OnnxNetwork(nn.Module):
     """The exported network behind an ``onnxruntime.InferenceSession``, callable like the torch one."""
 
@@ -178,10 +190,36 @@ class Detector:
         detector = (zoo_bundle.build_zoo_detector(network) if zoo else
                     build_detector(NetConfig.from_dict(spec.card.network), network))
         self._detector = configure_for_inference(detector, self.settings)
+        self.rescorer = self._rescorer(spec, backend, threads, provider, precision)
+
+    @staticmethod
+    def _rescorer(spec: ModelSpec, backend: str, threads: int, provider: str, precision: str) -> Rescorer | None:
+        """The card's second stage on the same backend as the network, or None."""
+        stage = spec.card.second_stage
+        if stage is None:
+            return None
+        if backend == "torch":
+            if spec.second_stage_state_dict_path is None:
+                raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for its second stage")
+            return Rescorer.torch(stage, spec.second_stage_state_dict_path)
+        return Rescorer.onnx(stage, spec.second_stage_path, threads, provider, precision)
 
     def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
         """Nodule candidates in LPS mm, highest score first. `score_threshold` overrides the card's
         (an evaluation wants every candidate to draw the whole FROC curve)."""
+        threshold = self.settings.score_threshold if score_threshold is None else score_threshold
+        # A second stage rescores every candidate it was trained on (those down to its floor), then thresholds.
+        floor = threshold if self.rescorer is None else self.rescorer.stage.min_detector_score
+        found = self.candidates(volume, floor)
+        detections = found.detections
+        if self.rescorer is not None and detections:
+            scores = self.rescorer.rescore(found.prepared.image.numpy(), found.boxes, found.scores)
+            detections = [replace(d, score=float(s)) for d, s in zip(detections, scores)]
+        detections = [d for d in detections if d.score >= threshold]
+        return drop_nested(sorted(detections, key=lambda d: -d.score))
+
+    def candidates(self, volume: Volume, floor: float) -> "Candidates":
+        """The network's candidates scoring >= ``floor`` inside the lungs, before any rescoring."""
         lungs = self._lungs(volume)
         region = None
         if lungs is not None:
@@ -191,8 +229,7 @@ class Detector:
         flips = self.settings.tta_flips or ((),)
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
-        threshold = card_threshold if score_threshold is None else score_threshold
-        selector.score_thresh = min(threshold, TTA_VIEW_FLOOR) if len(flips) > 1 else threshold
+        selector.score_thresh = min(floor, TTA_VIEW_FLOOR) if len(flips) > 1 else floor
         views = []
         try:
             with torch.no_grad():
@@ -204,14 +241,15 @@ class Detector:
         finally:
             selector.score_thresh = card_threshold
         boxes, scores = fuse_views(views) if len(views) > 1 else views[0]
-        keep = scores >= threshold
+        keep = scores >= floor
         boxes, scores = boxes[keep], scores[keep]
         detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]
         if lungs is not None and detections:
             keep = inside_lungs(lungs, volume, np.array([d.center_mm for d in detections]),
                                 self.settings.lung_tolerance_mm)
+            boxes, scores = boxes[keep], scores[keep]
             detections = [d for d, k in zip(detections, keep) if k]
-        return drop_nested(sorted(detections, key=lambda d: -d.score))
+        return Candidates(prepared, boxes.reshape(-1, 6), scores, detections)
 
     def _lungs(self, volume: Volume) -> np.ndarray | None:
         """The lung mask, or None when the card turns it off or no lungs are found (then the whole

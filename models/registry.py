@@ -70,6 +70,24 @@ class InferenceSettings(BaseModel):
     tta_flips: tuple[tuple[int, ...], ...] = ()
 
 
+class SecondStage(BaseModel):
+    """False-positive reduction (inference/rescoring.py): a classifier rescoring each candidate from
+    a patch around it; the reported score is detector^(1 - weight) * classifier^weight."""
+
+    onnx_file: str
+    onnx_sha256: str
+    state_dict_file: str | None = None
+    state_dict_sha256: str | None = None
+    channels: list[int]  # lungnode.models.candidate_classifier.CandidateClassifier widths
+    parameters: int
+    patch_size: tuple[int, int, int]  # model voxels (i, j, k), centred on the candidate
+    weight: float
+    min_detector_score: float  # candidates the detector scores below this are not rescored
+    data: str  # the scans its training candidates came from
+    training: TrainingInfo
+    metrics: dict[str, float | int | str] = {}
+
+
 class ModelCard(BaseModel):
     """The JSON model card written by `lungnode train export`."""
 
@@ -90,6 +108,7 @@ class ModelCard(BaseModel):
     data: DataInfo
     metrics: dict[str, float | int | str]
     export_max_abs_diff: float
+    second_stage: SecondStage | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,8 @@ class ModelSpec:
     onnx_path: Path
     card: ModelCard
     state_dict_path: Path | None = None
+    second_stage_path: Path | None = None  # the classifier's ONNX file, when the card has one
+    second_stage_state_dict_path: Path | None = None
 
 
 def sha256_file(path: Path) -> str:
@@ -144,16 +165,28 @@ def load_model(name_or_path: str = "default") -> ModelSpec:
         raise ModelIntegrityError(
             f"{onnx_path} has sha256 {digest}, but its card {card_path} says {card.onnx_sha256}"
         )
-    state_dict_path = None
-    if card.state_dict_file:
-        candidate = card_path.parent / card.state_dict_file
-        if candidate.is_file():
-            if sha256_file(candidate) != card.state_dict_sha256:
-                raise ModelIntegrityError(f"{candidate} does not match the sha256 in {card_path}")
-            state_dict_path = candidate
+    stage = card.second_stage
+    second_path = _verified(card_path, stage.onnx_file, stage.onnx_sha256) if stage else None
+    if stage and second_path is None:
+        raise ModelNotFoundError(f"second-stage ONNX file {card_path.parent / stage.onnx_file} named by {card_path} is missing")
     return ModelSpec(
         info=ModelInfo(name=card.name, version=card.version, sha256=card.onnx_sha256),
         onnx_path=onnx_path,
         card=card,
-        state_dict_path=state_dict_path,
+        state_dict_path=_verified(card_path, card.state_dict_file, card.state_dict_sha256),
+        second_stage_path=second_path,
+        second_stage_state_dict_path=_verified(card_path, stage.state_dict_file, stage.state_dict_sha256) if stage else None,
     )
+
+
+def _verified(card_path: Path, name: str | None, sha256: str | None) -> Path | None:
+    """The file the card names beside it, checked against its sha256; None when it names none or it
+    is absent (the optional PyTorch copies)."""
+    if not name:
+        return None
+    path = card_path.parent / name
+    if not path.is_file():
+        return None
+    if sha256_file(path) != sha256:
+        raise ModelIntegrityError(f"{path} does not match the sha256 in {card_path}")
+    return path

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lungnode.inference.detector import PreparedImage, prepare
+from lungnode.inference.rescoring import crop_padded
 from lungnode.inference.tta import mirror_boxes
 from lungnode.inference.types import Volume
 from lungnode.models.registry import InferenceSettings
@@ -217,7 +218,7 @@ class PatchDataset(Dataset):
             start = np.floor(center - rng.uniform(margin, size - margin)).astype(int)
         else:
             start = np.array([rng.integers(0, max(1, s - p + 1)) for s, p in zip(shape, size)])
-        patch = _crop_padded(image, start, size)
+        patch = crop_padded(image, start, size)
         out = boxes - np.concatenate([start, start]).astype(np.float32)
         centers = (out[:, :3] + out[:, 3:]) / 2
         keep = np.all((centers >= 0) & (centers < size), axis=1)
@@ -233,21 +234,6 @@ class PatchDataset(Dataset):
         patch = patch * rng.uniform(1 - j, 1 + j) + rng.uniform(-j, j)
         target = {"box": torch.from_numpy(out.copy()), "label": torch.zeros(len(out), dtype=torch.long)}
         return torch.from_numpy(np.ascontiguousarray(patch, dtype=np.float32))[None], target
-
-
-def _crop_padded(image: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """image[start:start+size] with zeros (air after windowing) outside the image."""
-    out = np.zeros(tuple(size), dtype=np.float32)
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + size, image.shape)
-    if np.any(src_hi <= src_lo):
-        return out
-    dst_lo = src_lo - start
-    dst_hi = dst_lo + (src_hi - src_lo)
-    out[dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = image[
-        src_lo[0] : src_hi[0], src_lo[1] : src_hi[1], src_lo[2] : src_hi[2]
-    ]
-    return out
 
 
 def collate(batch):

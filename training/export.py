@@ -64,6 +64,21 @@ def anchor_shapes(cfg: NetConfig) -> list[list[float]]:
     return [[float(s * v) for v in shape] for s in cfg.feature_map_scales for shape in cfg.base_anchor_shapes]
 
 
+def sweep_threshold(result, max_fp_per_scan: float | None, default: float) -> float:
+    """Print the operating points of ``SWEEP`` on an evaluation (EvalOutcome); the lowest threshold
+    with at most ``max_fp_per_scan`` false positives a scan, or ``default`` when none is asked for."""
+    for t in SWEEP:
+        m = result.at_threshold(t)
+        print(f"score >= {t:.2f}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
+              f"FP/scan {m['false_positives_per_scan']}")
+    if max_fp_per_scan is None:
+        return default
+    ok = [t for t in SWEEP if result.at_threshold(t)["false_positives_per_scan"] <= max_fp_per_scan]
+    threshold = min(ok) if ok else max(SWEEP)
+    print(f"score threshold {threshold} (at most {max_fp_per_scan} FP/scan)")
+    return threshold
+
+
 def export(
     checkpoint: Path,
     out: Path,
@@ -148,14 +163,7 @@ def export(
             raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
         # Every candidate down to the evaluation floor is kept, so one pass gives the whole sweep.
         result = evaluate(Detector(load_model(str(card_path))), phantom_scans(*eval_seeds), bootstraps=0)
-        for t in SWEEP:
-            m = result.at_threshold(t)
-            print(f"score >= {t:.2f}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
-                  f"FP/scan {m['false_positives_per_scan']}")
-        if max_fp_per_scan is not None:
-            ok = [t for t in SWEEP if result.at_threshold(t)["false_positives_per_scan"] <= max_fp_per_scan]
-            card.inference.score_threshold = min(ok) if ok else max(SWEEP)
-            print(f"score threshold {card.inference.score_threshold} (at most {max_fp_per_scan} FP/scan)")
+        card.inference.score_threshold = sweep_threshold(result, max_fp_per_scan, card.inference.score_threshold)
         card.metrics = result.at_threshold(card.inference.score_threshold)
         card_path.write_text(card.model_dump_json(indent=2))
     out.with_suffix(".md").write_text(card_markdown(card))

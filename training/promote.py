@@ -57,9 +57,11 @@ def decide(candidate: ModelSpec, current: ModelSpec, scans: list[EvalScan], eval
 
 
 def install(spec: ModelSpec, models_dir: Path) -> None:
-    """Copy the model's files into the registry folder (card, ONNX, state dict, human-readable card)."""
+    """Copy the model's files into the registry folder (card, ONNX, state dict, human-readable card,
+    second stage)."""
     card = spec.onnx_path.with_suffix(".json")
-    for f in (card, spec.onnx_path, spec.state_dict_path, card.with_suffix(".md")):
+    for f in (card, spec.onnx_path, spec.state_dict_path, card.with_suffix(".md"), spec.second_stage_path,
+              spec.second_stage_state_dict_path):
         if f is not None and f.is_file() and f.parent.resolve() != models_dir.resolve():
             shutil.copy2(f, models_dir / f.name)
 

@@ -1,0 +1,170 @@
+"""The second stage: candidate patches cut where the detector points, a classifier that learns to tell
+a nodule from a vessel, and a two-stage model built, verified and run from the registry."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lungnode.inference.detector import Detector
+from lungnode.inference.rescoring import Rescorer, box_centres, fuse, patches_at
+from lungnode.models.registry import ModelIntegrityError, load_model
+from lungnode.training.candidate_mining import KIND_REFERENCE, mine
+from lungnode.training.data import PhantomSettings, phantom_volume
+from lungnode.training.eval_sets import phantom_scans
+from lungnode.training.rescorer_attach import WEIGHTS, attach
+from lungnode.training.rescorer_fit import RescorerConfig, fit_rescorer, roc_auc
+
+FIRST_STAGE = "lungnode-retina-cpu-v8"  # a shipped one-stage model
+PATCH = (16, 16, 12)
+
+
+def test_patch_is_centred_on_the_box_and_padded_with_air():
+    image = np.zeros((40, 50, 20), np.float32)
+    image[20, 30, 10] = 1.0
+    box = np.array([[19.0, 29.0, 9.0, 22.0, 32.0, 12.0]])  # MONAI corners: voxels 19-21, centre voxel 20
+    np.testing.assert_allclose(box_centres(box), [[20.0, 30.0, 10.0]])
+    p = patches_at(image, box_centres(box), (8, 8, 6))[0]
+    assert p.shape == (8, 8, 6) and p[4, 4, 3] == 1.0 and p.sum() == 1.0
+    corner = patches_at(image, [[0.0, 0.0, 0.0]], (8, 8, 6))[0]
+    assert corner[:4].sum() == 0 and corner.shape == (8, 8, 6)  # outside the image: zeros
+
+
+def test_fusion_weight_moves_the_ranking_from_detector_to_classifier():
+    det, prob = np.array([0.99, 0.6]), np.array([0.01, 0.9])
+    np.testing.assert_allclose(fuse(det, prob, 0.0), det)
+    np.testing.assert_allclose(fuse(det, prob, 1.0), prob)
+    mid = fuse(det, prob, 0.5)
+    np.testing.assert_allclose(mid, np.sqrt(det * prob))
+    assert mid[1] > mid[0]  # the vessel look-alike the detector loved drops below the nodule
+
+
+def test_roc_auc_on_known_cases():
+    y = np.array([1, 1, 0, 0])
+    assert roc_auc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 1.0
+    assert roc_auc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 0.0
+    assert roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+    assert roc_auc(y, np.array([0.9, 0.3, 0.5, 0.1])) == 0.75
+
+
+def _blob_or_tube(rng, size, nodule: bool) -> np.ndarray:
+    """Lung-like noise (0.11 ~ -850 HU after windowing) with a sphere or a tube through the centre."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) - s / 2 + rng.uniform(-1, 1) for s in size], indexing="ij"), -1)
+    if nodule:
+        r = rng.uniform(2.0, 4.5)
+        inside = np.linalg.norm(grid, axis=-1) < r
+    else:
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        r = rng.uniform(1.5, 3.0)
+        along = grid @ axis
+        inside = np.linalg.norm(grid - along[..., None] * axis, axis=-1) < r
+    x = 0.11 + 0.03 * rng.normal(size=size)
+    x[inside] = 0.7 + 0.03 * rng.normal(size=int(inside.sum()))
+    return x.astype(np.float16)
+
+
+def _write_mined(folder: Path, n_scans: int, per_scan: int, seed: int, margin: int) -> None:
+    """Patches in the mining format: per scan, nodules (label 1) and vessel cross-sections (label 0)."""
+    rng = np.random.default_rng(seed)
+    (folder / "scans").mkdir(parents=True)
+    size = tuple(s + 2 * margin for s in PATCH)
+    for s in range(n_scans):
+        label = (np.arange(per_scan) % 3 == 0).astype(np.uint8)
+        np.savez(folder / "scans" / f"synthetic-{s}.npz",
+                 patches=np.stack([_blob_or_tube(rng, size, bool(v)) for v in label]), label=label,
+                 score=rng.uniform(0.5, 1.0, per_scan).astype(np.float32), kind=np.zeros(per_scan, np.uint8),
+                 diameter_mm=np.where(label == 1, 6.0, 0.0).astype(np.float32))
+
+
+def test_rescorer_learns_round_nodules_from_vessels(tmp_path):
+    _write_mined(tmp_path / "mined", n_scans=12, per_scan=30, seed=3, margin=2)
+    (tmp_path / "mined" / "mining.json").write_text(json.dumps(
+        {"model": "synthetic", "model_sha256": "-", "patch_size": list(PATCH), "margin": 2, "floor": 0.05, "per_scan": 30}))
+    cfg = RescorerConfig(seed=1, channels=[8, 16, 32], batch_size=32, iterations=120, lr=3e-3, warmup_iterations=10,
+                         validation_fraction=0.3, validate_every=60, precision="f32")
+    state = fit_rescorer(cfg, tmp_path / "mined", tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert state["validation"]["val_auc"] >= 0.95, log  # shapes it never saw, from scans held out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["iterations"] == 120
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """Two training phantoms' candidates from the shipped one-stage detector."""
+    out = tmp_path_factory.mktemp("candidates")
+    mine(FIRST_STAGE, phantom_scans(2600, 2601), out, PATCH, margin=2, floor=0.05, per_scan=20)
+    return out
+
+
+def test_mined_patches_are_labelled_from_the_reference_nodules(mined):
+    for seed in (2600, 2601):
+        z = np.load(mined / "scans" / f"phantom-{seed}.npz")
+        _, ph = phantom_volume(seed, PhantomSettings())
+        ref = z["kind"] == KIND_REFERENCE
+        assert ref.sum() == len(ph.nodules) and np.all(z["label"][ref] == 1)
+        np.testing.assert_allclose(sorted(z["diameter_mm"][ref]), sorted(n.diameter_mm for n in ph.nodules), rtol=1e-5)
+        cand = ~ref
+        assert 0 < cand.sum() <= 20 and np.all(z["score"][cand] >= 0.05)
+        assert np.all(np.diff(z["score"][cand]) <= 0)  # highest first
+        assert np.all((z["diameter_mm"][cand] > 0) == (z["label"][cand] == 1))
+        assert z["patches"].shape[1:] == tuple(s + 4 for s in PATCH)
+        # A candidate on a nodule and that nodule's reference patch (cut from its world-mm centre, not from
+        # the detector's box) show the same thing: both coordinate paths land on the nodule.
+        for c in np.flatnonzero(cand & (z["label"] == 1)):
+            r = np.flatnonzero(ref & np.isclose(z["diameter_mm"], z["diameter_mm"][c]))[0]
+            a, b = (z["patches"][i].astype(np.float32).ravel() for i in (c, r))
+            assert np.corrcoef(a, b)[0, 1] > 0.6
+
+
+@pytest.fixture(scope="module")
+def two_stage(mined, tmp_path_factory):
+    run = tmp_path_factory.mktemp("rescorer")
+    cfg = RescorerConfig(seed=2, channels=[8, 16, 32], batch_size=16, iterations=20, validation_fraction=0.0,
+                         validate_every=10, precision="f32")
+    fit_rescorer(cfg, mined, run)
+    out = tmp_path_factory.mktemp("models") / "two-stage-test"
+    return attach(FIRST_STAGE, run / "checkpoint.pt", out, "0.0.1", (900045, 900045), max_fp_per_scan=4.0)
+
+
+def test_attached_model_card_names_and_verifies_both_stages(two_stage):
+    spec = load_model(str(two_stage))
+    stage = spec.card.second_stage
+    assert stage is not None and stage.weight in WEIGHTS and stage.min_detector_score == 0.05
+    assert spec.second_stage_path.name == "two-stage-test-rescorer.onnx"
+    assert spec.card.onnx_sha256 == load_model(FIRST_STAGE).card.onnx_sha256  # the same detector
+    assert "2 phantoms of generator" in stage.data and "weight_selection_cpm_w0" in stage.metrics
+    assert spec.card.metrics["eval_scans"] == 1
+    md = two_stage.with_suffix(".md").read_text()
+    assert "Second stage" in md and stage.onnx_sha256 in md
+
+
+def test_tampered_second_stage_is_refused(two_stage, tmp_path):
+    for f in two_stage.parent.glob("two-stage-test*"):
+        shutil.copy2(f, tmp_path / f.name)
+    onnx = tmp_path / "two-stage-test-rescorer.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ModelIntegrityError, match="rescorer.onnx"):
+        load_model(str(tmp_path / "two-stage-test.json"))
+
+
+def test_two_stage_detector_reports_fused_scores_on_both_backends(two_stage):
+    spec = load_model(str(two_stage))
+    stage = spec.card.second_stage
+    volume, _ = phantom_volume(2600, PhantomSettings())
+    ort = Detector(spec, provider="cpu")
+    found = ort.candidates(volume, stage.min_detector_score)
+    image = found.prepared.image.numpy()
+    p_ort = ort.rescorer.probabilities(image, found.boxes)
+    p_torch = Rescorer.torch(stage, spec.second_stage_state_dict_path).probabilities(image, found.boxes)
+    np.testing.assert_allclose(p_ort, p_torch, atol=1e-4)
+    expected = fuse(found.scores, p_ort, stage.weight)
+    reported = ort.detect(volume, score_threshold=0.0)
+    assert reported and len(reported) <= len(found.scores)
+    for d in reported:  # every reported score is one candidate's fused score
+        assert np.min(np.abs(expected - d.score)) < 1e-6

@@ -1,0 +1,113 @@
+"""`lungnode train candidates`: run a detector over training scans and keep a patch around every
+candidate, labelled nodule or not, for the second-stage classifier (`lungnode train fit-rescorer`).
+
+Each scan's patches go to ``OUT/scans/<name>.npz`` as it finishes, so an interrupted run resumes
+where it stopped. Besides the detector's own candidates every reference nodule adds a patch at its
+centre, so a nodule the detector ranked low or missed still teaches the classifier what one looks
+like. Patches are larger than the classifier's input by ``margin`` voxels a side, room for the
+shifts of training augmentation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lungnode.inference.detector import Detector
+from lungnode.inference.rescoring import box_centres, patches_at
+from lungnode.models.registry import load_model
+from lungnode.training import eval_sets
+from lungnode.training.eval_sets import EvalScan
+
+KIND_CANDIDATE, KIND_REFERENCE = 0, 1
+
+
+def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor: float, per_scan: int) -> dict:
+    """Arrays for one scan: patches (float16), label (1 = inside a nodule's radius), detector score
+    (-1 for reference patches), kind, diameter of the nodule hit (0 for none)."""
+    loaded = scan.load()
+    found = detector.candidates(loaded.volume, floor)
+    order = np.argsort(-found.scores, kind="stable")[:per_scan]
+    centres_mm = np.array([found.detections[i].center_mm for i in order]).reshape(-1, 3)
+    nodules = loaded.annotations
+    hit = np.zeros(len(order))
+    ignored = np.zeros(len(order), bool)
+    for n in nodules:
+        inside = np.linalg.norm(centres_mm - np.asarray(n.center_mm), axis=1) < n.size_mm / 2
+        hit = np.where(inside & (hit == 0), n.size_mm, hit)
+    for e in loaded.excluded:
+        ignored |= np.linalg.norm(centres_mm - np.asarray(e.center_mm), axis=1) < e.size_mm / 2
+    keep = ~ignored | (hit > 0)  # a don't-care finding teaches nothing either way
+    order, hit = order[keep], hit[keep]
+    prepared = found.prepared
+    ref_centres = prepared.to_model_index(loaded.volume.world_to_index(
+        np.array([n.center_mm for n in nodules]).reshape(-1, 3))).reshape(-1, 3)
+    centres = np.concatenate([box_centres(found.boxes[order]), ref_centres])
+    size = np.asarray(patch_size) + 2 * margin
+    patches = patches_at(prepared.image.numpy(), centres, size).astype(np.float16)
+    return {
+        "patches": patches,
+        "label": np.concatenate([hit > 0, np.ones(len(nodules), bool)]).astype(np.uint8),
+        "score": np.concatenate([found.scores[order], -np.ones(len(nodules))]).astype(np.float32),
+        "kind": np.concatenate([np.full(len(order), KIND_CANDIDATE), np.full(len(nodules), KIND_REFERENCE)]).astype(np.uint8),
+        "diameter_mm": np.concatenate([hit, [n.size_mm for n in nodules]]).astype(np.float32),
+    }
+
+
+def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, floor: float, per_scan: int) -> Path:
+    detector = Detector(load_model(model))
+    if detector.rescorer is not None:
+        raise ValueError(f"model {model} already has a second stage: mine with its first-stage model")
+    folder = out / "scans"
+    folder.mkdir(parents=True, exist_ok=True)
+    (out / "mining.json").write_text(json.dumps({
+        "model": detector.spec.info.name, "model_sha256": detector.spec.info.sha256,
+        "patch_size": list(patch_size), "margin": margin, "floor": floor, "per_scan": per_scan,
+        "model_spacing_mm": list(detector.settings.spacing_mm),
+    }, indent=2))
+    totals = np.zeros(3, int)  # candidates, of them on a nodule, reference patches
+    bar = tqdm(scans, desc="candidates", unit="scan", dynamic_ncols=True)
+    for scan in bar:
+        path = folder / f"{scan.name}.npz"
+        if not path.is_file():
+            arrays = mine_scan(detector, scan, patch_size, margin, floor, per_scan)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.rename(path)
+        with np.load(path) as z:
+            cand = z["kind"] == KIND_CANDIDATE
+            totals += [cand.sum(), (z["label"][cand] == 1).sum(), (~cand).sum()]
+        bar.set_postfix(candidates=int(totals[0]), on_nodules=int(totals[1]), references=int(totals[2]))
+    print(f"{len(scans)} scans: {totals[0]} candidates ({totals[1]} on nodules, {totals[0] - totals[1]} not), "
+          f"{totals[2]} reference nodule patches in {folder}")
+    return folder
+
+
+def _run(args: argparse.Namespace) -> int:
+    scans: list[EvalScan] = []
+    if args.phantoms:
+        scans += eval_sets.phantom_scans(*args.phantoms)
+    for d in args.datalist or []:
+        scans += eval_sets.datalist_scans(d, args.section)
+    if not scans:
+        raise SystemExit("nothing to mine: give --phantoms FIRST LAST and/or --datalist PATH")
+    mine(args.model, scans, args.out, tuple(args.patch_size), args.margin, args.floor, args.per_scan)
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("candidates", help="collect labelled candidate patches for the second-stage classifier")
+    p.add_argument("--model", default="default", help="the first-stage detector (model name or card path)")
+    p.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"),
+                   help="training phantom seeds (keep them apart from every evaluation set)")
+    p.add_argument("--datalist", type=Path, action="append", help="datalist JSON (repeatable), e.g. inserted scans")
+    p.add_argument("--section", default="training", help="datalist section (default: training)")
+    p.add_argument("--out", type=Path, required=True, help="runs/NAME")
+    p.add_argument("--patch-size", type=int, nargs=3, default=(32, 32, 24), help="classifier input, model voxels")
+    p.add_argument("--margin", type=int, default=3, help="extra voxels a side for shift augmentation")
+    p.add_argument("--floor", type=float, default=0.05, help="lowest detector score kept")
+    p.add_argument("--per-scan", type=int, default=40, help="most candidates kept per scan (highest scores)")
+    p.set_defaults(func=_run)

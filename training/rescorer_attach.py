@@ -1,0 +1,169 @@
+"""`lungnode train attach-rescorer`: a first-stage model + a trained second-stage classifier -> a new
+model in the registry whose card runs both.
+
+The classifier is exported to ONNX (checked against PyTorch); the detector's files are copied under
+the new name (git stores identical files once). On the held-out evaluation seeds the detector runs
+once, every candidate gets the classifier's probability, and the fusion weight (detector^(1 - w) *
+classifier^w) is the one with the best CPM there; the score threshold is then chosen as
+`lungnode train export` does (lowest with at most ``--max-fp-per-scan``). Keep those seeds apart
+from the ones the final figures are reported on (`lungnode train eval --update-card`).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import warnings
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lungnode.inference.detector import Detector, drop_nested
+from lungnode.inference.rescoring import Rescorer, fuse
+from lungnode.models.candidate_classifier import CandidateClassifier
+from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
+from lungnode.training.card_markdown import card_markdown
+from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
+from lungnode.training.eval_sets import EvalScan, phantom_scans
+from lungnode.training.export import MAX_ABS_DIFF, OPSET, sweep_threshold
+from lungnode.training.froc import candidates_from_detections, evaluate_froc
+from lungnode.training.synth import GENERATOR_VERSION
+
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def export_classifier(net: CandidateClassifier, path: Path, patch_size) -> float:
+    """ONNX file with a dynamic batch; returns the largest |ORT - PyTorch| on a batch of 3."""
+    import onnxruntime as ort
+
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.rand(2, 1, *patch_size),), str(path), input_names=["patch"],
+                          output_names=["logit"], opset_version=OPSET,
+                          dynamic_axes={"patch": {0: "batch"}, "logit": {0: "batch"}}, dynamo=False)
+    x = torch.rand(3, 1, *patch_size, generator=torch.Generator().manual_seed(0))
+    ort_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"patch": x.numpy()})[0]
+    with torch.no_grad():
+        return float(np.abs(ort_out - net(x).numpy()).max())
+
+
+def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan], threshold: float):
+    """(best weight, its EvalOutcome, CPM per weight) on ``scans``; one detector pass per scan."""
+    per_scan = []
+    for scan in tqdm(scans, desc="rescore", unit="scan", dynamic_ncols=True):
+        loaded = scan.load()
+        started = time.perf_counter()
+        found = detector.candidates(loaded.volume, EVAL_SCORE_FLOOR)
+        prob = rescorer.probabilities(found.prepared.image.numpy(), found.boxes)
+        per_scan.append((scan, loaded, found, prob, time.perf_counter() - started))
+    cpms, outcomes = {}, {}
+    for w in WEIGHTS:
+        results = []
+        for scan, loaded, found, prob, seconds in per_scan:
+            keep = (found.scores >= rescorer.stage.min_detector_score) if w > 0 else np.ones(len(prob), bool)
+            scores = fuse(found.scores, prob, w)
+            dets = [replace(d, score=float(s)) for d, s, k in zip(found.detections, scores, keep) if k]
+            dets = drop_nested(sorted(dets, key=lambda d: -d.score))
+            results.append(ScanResult(scan.name, candidates_from_detections(scan.series_uid, dets),
+                                      list(loaded.annotations), list(loaded.excluded), seconds))
+        froc = evaluate_froc([c for r in results for c in r.candidates], [a for r in results for a in r.nodules],
+                             [a for r in results for a in r.excluded], [s.series_uid for s in scans], bootstraps=0)
+        cpms[w], outcomes[w] = froc.cpm, EvalOutcome(froc, results, threshold)
+        print(f"weight {w:.2f}: CPM {froc.cpm:.4f}")
+    best = max(WEIGHTS, key=lambda w: (round(cpms[w], 9), -w))
+    return best, outcomes[best], cpms
+
+
+def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
+           max_fp_per_scan: float | None) -> Path:
+    first = load_model(model)
+    if first.card.second_stage is not None:
+        raise ValueError(f"{first.info.name} already has a second stage: attach to its first-stage model")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    mining = ckpt["mining"]
+    if mining["model_sha256"] != first.info.sha256:
+        raise ValueError(f"the classifier in {checkpoint} learned the candidates of {mining['model']}, "
+                         f"not of {first.info.name}: mine {first.info.name}'s candidates and train again")
+    trained_on = {int(n.split("-")[1]) for n in ckpt["scans"] if n.startswith("phantom-")}
+    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & trained_on
+    if overlap:
+        raise ValueError(f"evaluation seeds overlap the classifier's training seeds: {sorted(overlap)[:5]}...")
+    net = CandidateClassifier(ckpt["channels"])
+    net.load_state_dict(ckpt["network"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    name = out.name
+    stage_onnx, stage_pt = out.with_name(name + "-rescorer.onnx"), out.with_name(name + "-rescorer.pt")
+    diff = export_classifier(net, stage_onnx, ckpt["patch_size"])
+    print(f"classifier ONNX vs PyTorch: max abs diff {diff:.2e}")
+    if diff >= MAX_ABS_DIFF:
+        raise RuntimeError(f"exported classifier differs from PyTorch by {diff} (limit {MAX_ABS_DIFF})")
+    torch.save(net.state_dict(), stage_pt)
+    onnx_path, pt_path = out.with_suffix(".onnx"), out.with_suffix(".pt")
+    shutil.copy2(first.onnx_path, onnx_path)
+    if first.state_dict_path is not None:
+        shutil.copy2(first.state_dict_path, pt_path)
+
+    cfg = ckpt["config"]
+    fit_command = Path(checkpoint).parent / "command.txt"
+    seeds = sorted(trained_on)
+    others = [n for n in ckpt["scans"] if not n.startswith("phantom-")]
+    data = (f"candidates of {mining['model']} (top {mining['per_scan']} a scan, score >= {mining['floor']}) and a patch "
+            f"at every reference nodule, on {len(seeds)} phantoms of generator {GENERATOR_VERSION}"
+            + (f" (seeds {seeds[0]}-{seeds[-1]})" if seeds else "") + f" and {len(others)} other scans")
+    stage = SecondStage(
+        onnx_file=stage_onnx.name, onnx_sha256=sha256_file(stage_onnx),
+        state_dict_file=stage_pt.name, state_dict_sha256=sha256_file(stage_pt),
+        channels=list(ckpt["channels"]), parameters=sum(p.numel() for p in net.parameters()),
+        patch_size=tuple(ckpt["patch_size"]), weight=0.5, min_detector_score=float(mining["floor"]), data=data,
+        training=TrainingInfo(command=fit_command.read_text().strip() if fit_command.is_file() else "", config=cfg,
+                              iterations=int(ckpt["iteration"]), seconds=round(float(ckpt["seconds"]), 1),
+                              device=f"cpu ({cfg['threads']} threads)"),
+        metrics={f"validation_{k}": v for k, v in ckpt.get("validation", {}).items() if k.startswith("val_")},
+    )
+    card = first.card.model_copy(deep=True, update={
+        "name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "description": first.card.description + f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)",
+        "onnx_file": onnx_path.name, "state_dict_file": pt_path.name if first.state_dict_path else None,
+        "second_stage": stage, "metrics": {},
+    })
+    card_path = out.with_suffix(".json")
+    card_path.write_text(card.model_dump_json(indent=2))
+    spec = load_model(str(card_path))
+    detector = Detector(spec)
+    weight, outcome, cpms = choose_weight(detector, detector.rescorer, phantom_scans(*eval_seeds),
+                                          card.inference.score_threshold)
+    print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on phantoms {eval_seeds[0]}-{eval_seeds[1]}; "
+          f"the detector alone: {cpms[0.0]:.4f})")
+    card.second_stage.weight = weight
+    card.second_stage.metrics.update({f"weight_selection_cpm_w{w:g}": round(c, 4) for w, c in cpms.items()})
+    card.inference.score_threshold = sweep_threshold(outcome, max_fp_per_scan, card.inference.score_threshold)
+    card.metrics = outcome.at_threshold(card.inference.score_threshold)
+    card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
+    card_path.write_text(card.model_dump_json(indent=2))
+    out.with_suffix(".md").write_text(card_markdown(card))
+    print(f"wrote {card_path}, {out.with_suffix('.md')}, {onnx_path}, {stage_onnx}")
+    print("metrics:", card.metrics)
+    return card_path
+
+
+def _run(args: argparse.Namespace) -> int:
+    attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan)
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("attach-rescorer", help="a first-stage model + a trained rescorer -> a new two-stage model")
+    p.add_argument("--model", default="default", help="the first-stage model the candidates were mined with")
+    p.add_argument("--checkpoint", type=Path, required=True, help="runs/NAME/checkpoint.pt from `train fit-rescorer`")
+    p.add_argument("--out", type=Path, required=True, help="models/NAME (writes NAME.json, .md, .onnx, .pt, -rescorer.*)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--eval-seeds", type=int, nargs=2, default=(900040, 900049), metavar=("FIRST", "LAST"),
+                   help="held-out phantoms that choose the fusion weight and threshold (inclusive)")
+    p.add_argument("--max-fp-per-scan", type=float,
+                   help="set the score threshold to the lowest one with at most this many FP/scan there")
+    p.set_defaults(func=_run)

@@ -1,0 +1,209 @@
+"""`lungnode train fit-rescorer`: train the second-stage classifier on the patches of
+`lungnode train candidates`.
+
+Whole scans are held out for validation (a nodule's candidates and reference patch never straddle
+the split). Batches are balanced (``positive_fraction`` nodules); patches are shifted by up to the
+mining margin, mirrored on every axis and turned 90 degrees in-plane (the in-plane spacing is
+square), so the classifier learns shape, not place. Writes ``OUT/checkpoint.pt``, ``OUT/config.yaml``
+and ``OUT/train_log.jsonl`` (loss; validation loss and ROC AUC every ``validate_every`` iterations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from lungnode.models.candidate_classifier import CandidateClassifier
+from lungnode.training.fit import lr_factor, native_precision
+
+
+class RescorerConfig(BaseModel):
+    """configs/rescorer_cpu.yaml."""
+
+    seed: int
+    threads: int = 2
+    channels: list[int] = [16, 32, 64, 128]
+    batch_size: int = 64
+    positive_fraction: float = 0.5
+    iterations: int = 3000
+    max_minutes: float = 1e9
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 100
+    intensity_jitter: float = 0.03
+    validation_fraction: float = 0.1
+    validate_every: int = 250
+    precision: Literal["f32", "bf16"] = "f32"
+
+
+@dataclass
+class PatchSet:
+    """Every mined patch of a set of scans, in memory (float16)."""
+
+    patches: np.ndarray  # (N, I + 2m, J + 2m, K + 2m)
+    label: np.ndarray  # (N,) 0/1
+    score: np.ndarray  # detector score, -1 for reference patches
+    diameter_mm: np.ndarray
+    scan: np.ndarray  # (N,) index into names
+    names: list[str]
+
+
+def load_patches(folder: Path) -> PatchSet:
+    files = sorted(Path(folder).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no mined scans (*.npz) in {folder}: run `lungnode train candidates` first")
+    parts = {k: [] for k in ("patches", "label", "score", "diameter_mm", "scan")}
+    for n, f in enumerate(files):
+        with np.load(f) as z:
+            for k in ("patches", "label", "score", "diameter_mm"):
+                parts[k].append(z[k])
+            parts["scan"].append(np.full(len(z["label"]), n))
+    return PatchSet(**{k: np.concatenate(v) for k, v in parts.items()}, names=[f.stem for f in files])
+
+
+def split_scans(names: list[str], fraction: float) -> np.ndarray:
+    """A stable per-scan validation flag (by name hash, so adding scans keeps the old split)."""
+    return np.array([zlib.crc32(n.encode()) % 1000 < fraction * 1000 for n in names])
+
+
+def augment(patches: np.ndarray, size: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
+    """Random crops of ``size`` out of the margin-padded patches, mirrored, turned, intensity-jittered."""
+    margin = (np.array(patches.shape[1:]) - size) // 2
+    out = np.empty((len(patches), *size), np.float32)
+    for n, p in enumerate(patches):
+        o = [int(rng.integers(0, 2 * m + 1)) for m in margin]
+        x = p[o[0] : o[0] + size[0], o[1] : o[1] + size[1], o[2] : o[2] + size[2]].astype(np.float32)
+        axes = [a for a in range(3) if rng.random() < 0.5]
+        if axes:
+            x = np.flip(x, axes)
+        if size[0] == size[1] and rng.random() < 0.5:
+            x = x.transpose(1, 0, 2)
+        out[n] = x * rng.uniform(1 - jitter, 1 + jitter) + rng.uniform(-jitter, jitter)
+    return out
+
+
+def centre_crop(patches: np.ndarray, size: np.ndarray) -> np.ndarray:
+    m = (np.array(patches.shape[1:]) - size) // 2
+    return patches[:, m[0] : m[0] + size[0], m[1] : m[1] + size[1], m[2] : m[2] + size[2]].astype(np.float32)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="stable")
+    ranks = np.empty(len(order))
+    ranks[order] = np.arange(1, len(order) + 1)
+    allv = np.concatenate([pos, neg])
+    for v in np.unique(allv):  # average ranks of ties
+        tie = allv == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def predict(net: CandidateClassifier, patches: np.ndarray, batch: int = 128) -> np.ndarray:
+    """Logits for already-cropped (N, I, J, K) patches."""
+    net.eval()
+    with torch.no_grad():
+        out = [net(torch.from_numpy(patches[i : i + batch])[:, None]).float().numpy() for i in range(0, len(patches), batch)]
+    net.train()
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def fit_rescorer(cfg: RescorerConfig, candidates: Path, out: Path, command: str = "") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    mining = json.loads((Path(candidates) / "mining.json").read_text())
+    size = np.array(mining["patch_size"])
+    data = load_patches(Path(candidates) / "scans")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    precision = native_precision(cfg.precision)
+    cfg = cfg.model_copy(update={"precision": precision})
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "command.txt").write_text(command + "\n")
+
+    is_val = split_scans(data.names, cfg.validation_fraction)[data.scan]
+    train_pos = np.flatnonzero(~is_val & (data.label == 1))
+    train_neg = np.flatnonzero(~is_val & (data.label == 0))
+    val_idx = np.flatnonzero(is_val & (data.score >= 0))  # the detector's candidates: what it will rescore
+    val_x, val_y = centre_crop(data.patches[val_idx], size), data.label[val_idx]
+    print(f"{len(data.names)} scans ({int(split_scans(data.names, cfg.validation_fraction).sum())} held out): "
+          f"training on {len(train_pos)} nodule and {len(train_neg)} other patches; "
+          f"validating on {len(val_idx)} candidates ({int(val_y.sum())} on nodules)")
+
+    net = CandidateClassifier(cfg.channels)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    rng = np.random.default_rng(cfg.seed)
+    n_pos = int(round(cfg.batch_size * cfg.positive_fraction))
+    log_rows: list[dict] = []
+    t0 = time.monotonic()
+    window: list[float] = []
+    bar = tqdm(range(cfg.iterations), desc="fit-rescorer", dynamic_ncols=True)
+    with open(out / "train_log.jsonl", "w") as logf:
+        for it in bar:
+            idx = np.concatenate([rng.choice(train_pos, n_pos), rng.choice(train_neg, cfg.batch_size - n_pos)])
+            x = torch.from_numpy(augment(data.patches[idx], size, rng, cfg.intensity_jitter))[:, None]
+            y = torch.from_numpy(data.label[idx].astype(np.float32))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = net(x)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            window.append(loss.item())
+            last = it + 1 == cfg.iterations or time.monotonic() - t0 > cfg.max_minutes * 60
+            if (it + 1) % cfg.validate_every == 0 or last:
+                row = {"iteration": it + 1, "loss": round(float(np.mean(window)), 4), "seconds": round(time.monotonic() - t0, 1)}
+                window.clear()
+                if len(val_idx):
+                    v = predict(net, val_x)
+                    vloss = torch.nn.functional.binary_cross_entropy_with_logits(
+                        torch.from_numpy(v), torch.from_numpy(val_y.astype(np.float32))).item()
+                    row.update(val_loss=round(vloss, 4), val_auc=round(roc_auc(val_y, v), 4))
+                log_rows.append(row)
+                logf.write(json.dumps(row) + "\n")
+                logf.flush()
+                bar.set_postfix({k: v for k, v in row.items() if k in ("loss", "val_loss", "val_auc")})
+            if last:
+                break
+    seconds = time.monotonic() - t0
+    state = {"network": net.state_dict(), "channels": list(cfg.channels), "patch_size": size.tolist(),
+             "config": cfg.model_dump(mode="json"), "mining": mining, "scans": data.names, "iteration": it + 1, "seconds": seconds,
+             "validation": log_rows[-1] if log_rows else {}}
+    torch.save(state, out / "checkpoint.pt")
+    print(f"trained {it + 1} iterations in {seconds:.0f} s; last: {log_rows[-1] if log_rows else {}}")
+    print(f"checkpoint: {out / 'checkpoint.pt'}")
+    return state
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = RescorerConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
+    if args.iterations is not None:
+        cfg.iterations = args.iterations
+    fit_rescorer(cfg, args.candidates, args.out, "lungnode " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    return 0
+
+
+def add_command(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser("fit-rescorer", help="train the second-stage (false-positive reduction) classifier")
+    p.add_argument("--config", type=Path, required=True, help="configs/rescorer_cpu.yaml")
+    p.add_argument("--candidates", type=Path, required=True, help="the OUT of `lungnode train candidates`")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint.pt, train_log.jsonl)")
+    p.add_argument("--iterations", type=int, help="override the config's iterations")
+    p.set_defaults(func=_run)
