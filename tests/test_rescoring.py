@@ -168,3 +168,25 @@ def test_two_stage_detector_reports_fused_scores_on_both_backends(two_stage):
     assert reported and len(reported) <= len(found.scores)
     for d in reported:  # every reported score is one candidate's fused score
         assert np.min(np.abs(expected - d.score)) < 1e-6
+
+
+class _Sweep:
+    """An evaluation's operating points as a step function of the threshold."""
+
+    def __init__(self, points):
+        self.points = points  # [(from threshold, sensitivity, FP/scan)], ascending
+
+    def at_threshold(self, t):
+        sens, fp = next((s, f) for lo, s, f in reversed(self.points) if t >= lo)
+        return {"sensitivity": sens, "sensitivity_ge6mm": sens, "false_positives_per_scan": fp}
+
+
+def test_operating_point_keeps_the_best_sensitivity_with_the_fewest_false_positives():
+    from lungnode.training.export import sweep_threshold
+
+    # 0.3-0.4: too many FP; 0.5-0.7 the same sensitivity with fewer and fewer FP; 0.8 on loses a nodule
+    ev = _Sweep([(0.0, 1.0, 9.0), (0.5, 0.96, 1.4), (0.6, 0.96, 1.0), (0.7, 0.96, 0.3), (0.8, 0.92, 0.2)])
+    assert sweep_threshold(ev, 2.5, default=0.5) == 0.7
+    assert sweep_threshold(ev, 0.25, default=0.5) == 0.99  # only the top sweep points fit: 0.92 there
+    assert sweep_threshold(ev, None, default=0.42) == 0.42
+    assert sweep_threshold(_Sweep([(0.0, 1.0, 9.0)]), 1.0, default=0.5) == 0.99  # nothing fits: the top

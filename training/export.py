@@ -65,18 +65,30 @@ def anchor_shapes(cfg: NetConfig) -> list[list[float]]:
 
 
 def sweep_threshold(result, max_fp_per_scan: float | None, default: float) -> float:
-    """Print the operating points of ``SWEEP`` on an evaluation (EvalOutcome); the lowest threshold
-    with at most ``max_fp_per_scan`` false positives a scan, or ``default`` when none is asked for."""
-    for t in SWEEP:
-        m = result.at_threshold(t)
+    """Print the operating points of ``SWEEP`` on an evaluation (EvalOutcome) and choose one: the
+    highest sensitivity with at most ``max_fp_per_scan`` false positives a scan, and of the thresholds
+    giving it the highest (fewest false positives for no nodule less); ``default`` when no budget is
+    asked for, the top of the sweep when none fits it."""
+    points = {t: result.at_threshold(t) for t in SWEEP}
+    for t, m in points.items():
         print(f"score >= {t:.2f}: sensitivity {m['sensitivity']}, >= 6 mm {m['sensitivity_ge6mm']}, "
               f"FP/scan {m['false_positives_per_scan']}")
     if max_fp_per_scan is None:
         return default
-    ok = [t for t in SWEEP if result.at_threshold(t)["false_positives_per_scan"] <= max_fp_per_scan]
-    threshold = min(ok) if ok else max(SWEEP)
+    ok = [t for t, m in points.items() if m["false_positives_per_scan"] <= max_fp_per_scan]
+    best = max((points[t]["sensitivity"] for t in ok), default=None)
+    threshold = max(t for t in ok if points[t]["sensitivity"] == best) if ok else max(SWEEP)
     print(f"score threshold {threshold} (at most {max_fp_per_scan} FP/scan)")
     return threshold
+
+
+def set_operating_point(card: ModelCard, result, max_fp_per_scan: float | None, card_path: Path) -> None:
+    """Choose the card's threshold on an evaluation (EvalOutcome), put its figures into the card and
+    write NAME.json and NAME.md."""
+    card.inference.score_threshold = sweep_threshold(result, max_fp_per_scan, card.inference.score_threshold)
+    card.metrics = result.at_threshold(card.inference.score_threshold)
+    card_path.write_text(card.model_dump_json(indent=2))
+    card_path.with_suffix(".md").write_text(card_markdown(card))
 
 
 def export(
@@ -163,10 +175,9 @@ def export(
             raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
         # Every candidate down to the evaluation floor is kept, so one pass gives the whole sweep.
         result = evaluate(Detector(load_model(str(card_path))), phantom_scans(*eval_seeds), bootstraps=0)
-        card.inference.score_threshold = sweep_threshold(result, max_fp_per_scan, card.inference.score_threshold)
-        card.metrics = result.at_threshold(card.inference.score_threshold)
-        card_path.write_text(card.model_dump_json(indent=2))
-    out.with_suffix(".md").write_text(card_markdown(card))
+        set_operating_point(card, result, max_fp_per_scan, card_path)
+    else:
+        out.with_suffix(".md").write_text(card_markdown(card))
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB), {pt_path}, {card_path}, {out.with_suffix('.md')}")
     print("metrics:", card.metrics)
     return card
@@ -190,5 +201,5 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="the card asks for flip test-time augmentation (4 views: fewer false positives, 4x the time)")
     p.add_argument("--score-threshold", type=float, help="override the training config's score threshold")
     p.add_argument("--max-fp-per-scan", type=float,
-                   help="set the card's score threshold to the lowest one with at most this many held-out FP/scan")
+                   help="score threshold: the best sensitivity with at most this many held-out FP/scan, fewest FP for it")
     p.set_defaults(func=_run)

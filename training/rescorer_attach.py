@@ -5,7 +5,7 @@ The classifier is exported to ONNX (checked against PyTorch); the detector's fil
 the new name (git stores identical files once). On the held-out evaluation seeds the detector runs
 once, every candidate gets the classifier's probability, and the fusion weight (detector^(1 - w) *
 classifier^w) is the one with the best CPM there; the score threshold is then chosen as
-`lungnode train export` does (lowest with at most ``--max-fp-per-scan``). Keep those seeds apart
+`lungnode train export` does (best sensitivity within ``--max-fp-per-scan``). Keep those seeds apart
 from the ones the final figures are reported on (`lungnode train eval --update-card`).
 """
 from __future__ import annotations
@@ -26,10 +26,9 @@ from lungnode.inference.detector import Detector, drop_nested
 from lungnode.inference.rescoring import Rescorer, fuse
 from lungnode.models.candidate_classifier import CandidateClassifier
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
-from lungnode.training.card_markdown import card_markdown
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
 from lungnode.training.eval_sets import EvalScan, phantom_scans
-from lungnode.training.export import MAX_ABS_DIFF, OPSET, sweep_threshold
+from lungnode.training.export import MAX_ABS_DIFF, OPSET, set_operating_point
 from lungnode.training.froc import candidates_from_detections, evaluate_froc
 from lungnode.training.synth import GENERATOR_VERSION
 
@@ -141,11 +140,8 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
           f"the detector alone: {cpms[0.0]:.4f})")
     card.second_stage.weight = weight
     card.second_stage.metrics.update({f"weight_selection_cpm_w{w:g}": round(c, 4) for w, c in cpms.items()})
-    card.inference.score_threshold = sweep_threshold(outcome, max_fp_per_scan, card.inference.score_threshold)
-    card.metrics = outcome.at_threshold(card.inference.score_threshold)
     card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
-    card_path.write_text(card.model_dump_json(indent=2))
-    out.with_suffix(".md").write_text(card_markdown(card))
+    set_operating_point(card, outcome, max_fp_per_scan, card_path)
     print(f"wrote {card_path}, {out.with_suffix('.md')}, {onnx_path}, {stage_onnx}")
     print("metrics:", card.metrics)
     return card_path
@@ -165,5 +161,5 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900040, 900049), metavar=("FIRST", "LAST"),
                    help="held-out phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
-                   help="set the score threshold to the lowest one with at most this many FP/scan there")
+                   help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
     p.set_defaults(func=_run)
