@@ -87,7 +87,7 @@ def test_rescorer_learns_round_nodules_from_vessels(tmp_path):
         {"model": "synthetic", "model_sha256": "-", "patch_size": list(PATCH), "margin": 2, "floor": 0.05, "per_scan": 30}))
     cfg = RescorerConfig(seed=1, channels=[8, 16, 32], batch_size=32, iterations=120, lr=3e-3, warmup_iterations=10,
                          validation_fraction=0.3, validate_every=60, precision="f32")
-    state = fit_rescorer(cfg, tmp_path / "mined", tmp_path / "run")
+    state = fit_rescorer(cfg, [tmp_path / "mined"], tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     assert state["validation"]["val_auc"] >= 0.95, log  # shapes it never saw, from scans held out
@@ -127,7 +127,7 @@ def two_stage(mined, tmp_path_factory):
     run = tmp_path_factory.mktemp("rescorer")
     cfg = RescorerConfig(seed=2, channels=[8, 16, 32], batch_size=16, iterations=20, validation_fraction=0.0,
                          validate_every=10, precision="f32")
-    fit_rescorer(cfg, mined, run)
+    fit_rescorer(cfg, [mined], run)
     out = tmp_path_factory.mktemp("models") / "two-stage-test"
     return attach(FIRST_STAGE, run / "checkpoint.pt", out, "0.0.1", (900045, 900045), max_fp_per_scan=4.0)
 
@@ -190,3 +190,16 @@ def test_operating_point_keeps_the_best_sensitivity_with_the_fewest_false_positi
     assert sweep_threshold(ev, 0.25, default=0.5) == 0.99  # only the top sweep points fit: 0.92 there
     assert sweep_threshold(ev, None, default=0.42) == 0.42
     assert sweep_threshold(_Sweep([(0.0, 1.0, 9.0)]), 1.0, default=0.5) == 0.99  # nothing fits: the top
+
+
+def test_candidate_sets_mined_differently_cannot_train_together(tmp_path):
+    from lungnode.training.rescorer_fit import mining_record
+
+    base = {"model": "m", "model_sha256": "abc", "patch_size": [16, 16, 12], "margin": 2, "floor": 0.05, "per_scan": 40}
+    for name, record in (("a", base), ("b", {**base, "per_scan": 20}), ("c", {**base, "model_sha256": "other"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mining.json").write_text(json.dumps(record))
+    merged = mining_record([tmp_path / "a", tmp_path / "b"])  # more or fewer candidates a scan: fine
+    assert merged["model_sha256"] == "abc" and [f["per_scan"] for f in merged["folders"]] == [40, 20]
+    with pytest.raises(ValueError, match="model_sha256"):
+        mining_record([tmp_path / "a", tmp_path / "c"])

@@ -20,6 +20,7 @@ from lungnode.inference.detector import Detector
 from lungnode.inference.rescoring import box_centres, patches_at
 from lungnode.models.registry import load_model
 from lungnode.training import eval_sets
+from lungnode.training.data import PhantomSettings
 from lungnode.training.eval_sets import EvalScan
 
 KIND_CANDIDATE, KIND_REFERENCE = 0, 1
@@ -89,12 +90,18 @@ def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, 
 def _run(args: argparse.Namespace) -> int:
     scans: list[EvalScan] = []
     if args.phantoms:
-        scans += eval_sets.phantom_scans(*args.phantoms)
+        settings = PhantomSettings(n_nodules=tuple(args.nodules) if args.nodules else None,
+                                   diameter_range_mm=tuple(args.diameters) if args.diameters else None)
+        scans += eval_sets.phantom_scans(*args.phantoms, settings)
     for d in args.datalist or []:
         scans += eval_sets.datalist_scans(d, args.section)
     if not scans:
         raise SystemExit("nothing to mine: give --phantoms FIRST LAST and/or --datalist PATH")
     mine(args.model, scans, args.out, tuple(args.patch_size), args.margin, args.floor, args.per_scan)
+    record = json.loads((args.out / "mining.json").read_text())
+    record["sources"] = {"phantoms": args.phantoms, "nodules": args.nodules, "diameters_mm": args.diameters,
+                         "datalists": [str(d) for d in args.datalist or []]}
+    (args.out / "mining.json").write_text(json.dumps(record, indent=2))
     return 0
 
 
@@ -103,6 +110,10 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="the first-stage detector (model name or card path)")
     p.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"),
                    help="training phantom seeds (keep them apart from every evaluation set)")
+    p.add_argument("--nodules", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="nodules per phantom (default: the evaluation phantoms' 1-4)")
+    p.add_argument("--diameters", type=float, nargs=2, metavar=("MIN_MM", "MAX_MM"),
+                   help="nodule diameters (default: the evaluation phantoms' 4-25 mm); e.g. 4 10 for more small ones")
     p.add_argument("--datalist", type=Path, action="append", help="datalist JSON (repeatable), e.g. inserted scans")
     p.add_argument("--section", default="training", help="datalist section (default: training)")
     p.add_argument("--out", type=Path, required=True, help="runs/NAME")

@@ -30,12 +30,15 @@ class EvalScan:
     load: Callable[[], LoadedScan]
 
 
-def phantom_scans(first_seed: int, last_seed: int) -> list[EvalScan]:
-    """Phantoms made like the training ones, from seeds the training never saw."""
+def phantom_scans(first_seed: int, last_seed: int, settings=None) -> list[EvalScan]:
+    """Phantoms made like the training ones, from seeds the training never saw; ``settings`` (a
+    training.data.PhantomSettings) changes how they are made, the default being the evaluation sets'."""
     from lungnode.training.data import PhantomSettings, phantom_volume
 
+    settings = settings or PhantomSettings()
+
     def load(seed: int) -> LoadedScan:
-        volume, ph = phantom_volume(seed, PhantomSettings())
+        volume, ph = phantom_volume(seed, settings)
         uid = f"phantom-{seed}"
         return LoadedScan(volume, [Annotation(uid, n.center_mm, n.diameter_mm) for n in ph.nodules], [])
 

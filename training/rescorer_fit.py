@@ -60,17 +60,20 @@ class PatchSet:
     names: list[str]
 
 
-def load_patches(folder: Path) -> PatchSet:
-    files = sorted(Path(folder).glob("*.npz"))
+def load_patches(folders: list[Path]) -> PatchSet:
+    files = [f for folder in folders for f in sorted(Path(folder).glob("*.npz"))]
     if not files:
-        raise FileNotFoundError(f"no mined scans (*.npz) in {folder}: run `lungnode train candidates` first")
+        raise FileNotFoundError(f"no mined scans (*.npz) in {', '.join(map(str, folders))}: run `lungnode train candidates` first")
+    names = [f.stem for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError("the same scan was mined into two candidate folders: give each folder other seeds")
     parts = {k: [] for k in ("patches", "label", "score", "diameter_mm", "scan")}
     for n, f in enumerate(files):
         with np.load(f) as z:
             for k in ("patches", "label", "score", "diameter_mm"):
                 parts[k].append(z[k])
             parts["scan"].append(np.full(len(z["label"]), n))
-    return PatchSet(**{k: np.concatenate(v) for k, v in parts.items()}, names=[f.stem for f in files])
+    return PatchSet(**{k: np.concatenate(v) for k, v in parts.items()}, names=names)
 
 
 def split_scans(names: list[str], fraction: float) -> np.ndarray:
@@ -124,11 +127,23 @@ def predict(net: CandidateClassifier, patches: np.ndarray, batch: int = 128) -> 
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def fit_rescorer(cfg: RescorerConfig, candidates: Path, out: Path, command: str = "") -> dict:
+def mining_record(folders: list[Path]) -> dict:
+    """The first folder's `train candidates` record, with every folder's listed; they must share the
+    detector and the patch geometry, or their patches could not train one classifier."""
+    records = [json.loads((Path(f) / "mining.json").read_text()) for f in folders]
+    for f, r in zip(folders[1:], records[1:]):
+        for key in ("model_sha256", "patch_size", "margin", "floor"):
+            if r[key] != records[0][key]:
+                raise ValueError(f"{f} was mined with {key} {r[key]}, {folders[0]} with {records[0][key]}: "
+                                 "mine every folder with the same detector and patch settings")
+    return {**records[0], "folders": [{"path": str(f), **r} for f, r in zip(folders, records)]}
+
+
+def fit_rescorer(cfg: RescorerConfig, candidates: list[Path], out: Path, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    mining = json.loads((Path(candidates) / "mining.json").read_text())
+    mining = mining_record(candidates)
     size = np.array(mining["patch_size"])
-    data = load_patches(Path(candidates) / "scans")
+    data = load_patches([Path(c) / "scans" for c in candidates])
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     precision = native_precision(cfg.precision)
@@ -203,7 +218,8 @@ def _run(args: argparse.Namespace) -> int:
 def add_command(tsub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("fit-rescorer", help="train the second-stage (false-positive reduction) classifier")
     p.add_argument("--config", type=Path, required=True, help="configs/rescorer_cpu.yaml")
-    p.add_argument("--candidates", type=Path, required=True, help="the OUT of `lungnode train candidates`")
+    p.add_argument("--candidates", type=Path, required=True, action="append",
+                   help="the OUT of `lungnode train candidates` (repeatable: several mined sets train together)")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoint.pt, train_log.jsonl)")
     p.add_argument("--iterations", type=int, help="override the config's iterations")
     p.set_defaults(func=_run)
