@@ -16,7 +16,7 @@ from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.onnx_runtime import create_session
-from lungnode.inference.rescoring import Rescorer
+from lungnode.inference.rescoring import Rescorer, fuse
 from lungnode.inference.tta import fuse_views, mirror_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
@@ -213,10 +213,9 @@ class Detector:
         found = self.candidates(volume, floor)
         detections = found.detections
         if self.rescorer is not None and detections:
-            scores = self.rescorer.rescore(found.prepared.image.numpy(), found.boxes, found.scores)
-            detections = [replace(d, score=float(s)) for d, s in zip(detections, scores)]
-        detections = [d for d in detections if d.score >= threshold]
-        return drop_nested(sorted(detections, key=lambda d: -d.score))
+            probabilities = self.rescorer.probabilities(found.prepared.image.numpy(), found.boxes)
+            detections = rescored(found, probabilities, self.rescorer.stage.min_detector_score, self.rescorer.stage.weight)
+        return ranked(detections, threshold)
 
     def candidates(self, volume: Volume, floor: float) -> "Candidates":
         """The network's candidates scoring >= ``floor`` inside the lungs, before any rescoring."""
@@ -261,6 +260,18 @@ class Detector:
             log.warning("no lungs found in series %s: searching the whole body", volume.series_instance_uid)
             return None
         return mask
+
+
+def rescored(found: Candidates, probabilities: np.ndarray, min_detector_score: float, weight: float) -> list[Detection]:
+    """The candidates a second stage rescores (detector score >= its floor), with the fused score."""
+    scores = fuse(found.scores, probabilities, weight)
+    return [replace(d, score=float(s)) for d, s, raw in zip(found.detections, scores, found.scores)
+            if raw >= min_detector_score]
+
+
+def ranked(detections: list[Detection], threshold: float) -> list[Detection]:
+    """What is reported: scores >= ``threshold``, highest first, nested duplicates dropped."""
+    return drop_nested(sorted((d for d in detections if d.score >= threshold), key=lambda d: -d.score))
 
 
 def drop_nested(detections: list[Detection]) -> list[Detection]:

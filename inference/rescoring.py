@@ -83,6 +83,3 @@ class Rescorer:
                   for i in range(0, len(patches), BATCH)]
         logits = np.concatenate(logits) if logits else np.zeros(0)
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-    def rescore(self, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        return fuse(scores, self.probabilities(image, boxes), self.stage.weight)

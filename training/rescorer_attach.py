@@ -14,7 +14,6 @@ import argparse
 import shutil
 import time
 import warnings
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lungnode.inference.detector import Detector, drop_nested
-from lungnode.inference.rescoring import Rescorer, fuse
+from lungnode.inference.detector import Detector, ranked, rescored
+from lungnode.inference.rescoring import Rescorer
 from lungnode.models.candidate_classifier import CandidateClassifier
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
@@ -64,10 +63,8 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
     for w in WEIGHTS:
         results = []
         for scan, loaded, found, prob, seconds in per_scan:
-            keep = (found.scores >= rescorer.stage.min_detector_score) if w > 0 else np.ones(len(prob), bool)
-            scores = fuse(found.scores, prob, w)
-            dets = [replace(d, score=float(s)) for d, s, k in zip(found.detections, scores, keep) if k]
-            dets = drop_nested(sorted(dets, key=lambda d: -d.score))
+            # w = 0 is the detector alone, as `train eval` scores it: every candidate down to the floor
+            dets = ranked(rescored(found, prob, rescorer.stage.min_detector_score, w) if w > 0 else found.detections, 0.0)
             results.append(ScanResult(scan.name, candidates_from_detections(scan.series_uid, dets),
                                       list(loaded.annotations), list(loaded.excluded), seconds))
         froc = evaluate_froc([c for r in results for c in r.candidates], [a for r in results for a in r.nodules],
