@@ -166,12 +166,28 @@ def load_torch_network(cfg: NetConfig, state_dict_path) -> nn.Module:
     return net.eval()
 
 
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_torch_device(device: str) -> torch.device:
+    """The device the PyTorch backend runs on: ``auto`` takes a CUDA GPU when this PyTorch sees one
+    (a GPU server with a CUDA build of PyTorch), else the CPU; a clear error for a missing GPU."""
+    if device not in TORCH_DEVICES:
+        raise ValueError(f"unknown torch device {device!r}: use one of {', '.join(TORCH_DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("torch device 'cuda' asked for but this PyTorch sees no CUDA GPU (the CPU build, or no "
+                           "driver): install a CUDA build of torch on the GPU server, or set torch_device to auto")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 class Detector:
     """One loaded model; ``detect`` may be called for many volumes (the session is created once)."""
 
     def __init__(self, spec: ModelSpec, backend: str = "onnxruntime", threads: int = 0,
-                 provider: str = "auto", precision: str = "auto") -> None:
+                 provider: str = "auto", precision: str = "auto", device: str = "auto") -> None:
         self.spec = spec
+        # ONNX Runtime picks its own device through its provider; the torch backend runs on this one.
+        self.device = resolve_torch_device(device) if backend == "torch" else torch.device("cpu")
         self.settings = spec.card.inference
         zoo = zoo_bundle.is_zoo_network(spec.card.network)
         self.ras = spec.card.network.get("image_axes") == "RAS"
@@ -184,16 +200,18 @@ class Detector:
                 torch.set_num_threads(threads)
             network = (zoo_bundle.load_zoo_network(spec.state_dict_path) if zoo else
                        load_torch_network(NetConfig.from_dict(spec.card.network), spec.state_dict_path))
+            network = network.to(self.device)
         else:
             raise ValueError(f"unknown backend {backend!r}: use 'onnxruntime' or 'torch'")
         self.backend = backend
         detector = (zoo_bundle.build_zoo_detector(network) if zoo else
                     build_detector(NetConfig.from_dict(spec.card.network), network))
         self._detector = configure_for_inference(detector, self.settings)
-        self.rescorer = self._rescorer(spec, backend, threads, provider, precision)
+        self.rescorer = self._rescorer(spec, backend, threads, provider, precision, self.device)
 
     @staticmethod
-    def _rescorer(spec: ModelSpec, backend: str, threads: int, provider: str, precision: str) -> Rescorer | None:
+    def _rescorer(spec: ModelSpec, backend: str, threads: int, provider: str, precision: str,
+                  device: torch.device) -> Rescorer | None:
         """The card's second stage on the same backend as the network, or None."""
         stage = spec.card.second_stage
         if stage is None:
@@ -201,7 +219,7 @@ class Detector:
         if backend == "torch":
             if spec.second_stage_state_dict_path is None:
                 raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for its second stage")
-            return Rescorer.torch(stage, spec.second_stage_state_dict_path)
+            return Rescorer.torch(stage, spec.second_stage_state_dict_path, device)
         return Rescorer.onnx(stage, spec.second_stage_path, threads, provider, precision)
 
     def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
@@ -232,11 +250,12 @@ class Detector:
         views = []
         try:
             with torch.no_grad():
+                on_device = prepared.image.to(self.device)
                 for axes in flips:
-                    image = prepared.image.flip(list(axes)) if axes else prepared.image
+                    image = on_device.flip(list(axes)) if axes else on_device
                     result = self._detector(image[None, None], use_inferer=True)[0]
-                    views.append((mirror_boxes(result[BOX_KEY].numpy(), axes, prepared.image.shape),
-                                  result[SCORE_KEY].numpy().astype(np.float64)))
+                    views.append((mirror_boxes(result[BOX_KEY].cpu().numpy(), axes, prepared.image.shape),
+                                  result[SCORE_KEY].cpu().numpy().astype(np.float64)))
         finally:
             selector.score_thresh = card_threshold
         boxes, scores = fuse_views(views) if len(views) > 1 else views[0]

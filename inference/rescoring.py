@@ -64,16 +64,16 @@ class Rescorer:
         return cls(stage, lambda x: session.run(None, {name: x})[0])
 
     @classmethod
-    def torch(cls, stage: SecondStage, state_dict_path):
+    def torch(cls, stage: SecondStage, state_dict_path, device: torch.device | str = "cpu"):
         from lungnode.models.candidate_classifier import CandidateClassifier
 
         net = CandidateClassifier(stage.channels)
         net.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
-        net.eval()
+        net.to(device).eval()
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return net(torch.from_numpy(x)).numpy()
+                return net(torch.from_numpy(x).to(device)).cpu().numpy()
 
         return cls(stage, run)
 

@@ -6,7 +6,9 @@ index) and to DCMTK `storescp` (writes files, no fsync). Peers get TCP_NODELAY=1
 
 Detect: the default model on the same series, whole pipeline from DICOM files to detections (volume,
 preprocessing, sliding window, boxes), with ONNX Runtime and with PyTorch eager, each in its own
-process so its peak memory is its own.
+process so its peak memory is its own; on a machine with a CUDA GPU (and a CUDA build of PyTorch)
+PyTorch on the GPU too. `--phantom SEED` times a generated phantom of LIDC-IDRI-0002's geometry
+instead, on a machine that does not have the data.
 """
 from __future__ import annotations
 
@@ -80,9 +82,15 @@ def bench_receive(files: list[Path], runs: int, work: Path) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+# LIDC-IDRI-0002's geometry: 512 x 512 x 261 voxels of 0.681641 x 0.681641 x 1.25 mm.
+LIDC_0002_SPACING = (0.681641, 0.681641, 1.25)
+LIDC_0002_SHAPE = (512, 512, 261)
+
+
 @dataclass(frozen=True)
 class DetectRun:
-    """One row of the detect table: a backend and, for ONNX Runtime, its provider and precision."""
+    """One row of the detect table: a backend and, for ONNX Runtime, its provider and precision;
+    for PyTorch, ``provider`` is the torch device ("cpu" or "cuda")."""
 
     label: str
     backend: str
@@ -108,8 +116,17 @@ def detect_runs() -> list[DetectRun]:
     # PyTorch's own bfloat16 (autocast) too, so the comparison at equal precision is in the table; not on
     # a CPU without native bfloat16, where PyTorch emulates it ~40x slower than f32 (no one would run it).
     if cpu_has_bf16():
-        runs.append(DetectRun("PyTorch eager, bf16 autocast", "torch", precision="bf16"))
-    return runs + [DetectRun("PyTorch eager, f32", "torch")]
+        runs.append(DetectRun("PyTorch eager, bf16 autocast", "torch", "cpu", "bf16"))
+    if _torch_sees_cuda():
+        runs += [DetectRun("PyTorch eager on the GPU, f32", "torch", "cuda"),
+                 DetectRun("PyTorch eager on the GPU, bf16 autocast", "torch", "cuda", "bf16")]
+    return runs + [DetectRun("PyTorch eager, f32", "torch", "cpu")]
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def detect_once(argument: str, files: list[Path], threads: int) -> dict:
@@ -130,15 +147,21 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
         def forward(self, images):
             t = time.perf_counter()
             out = self.inner(images)
+            if images.is_cuda:  # GPU calls return before the work is done
+                torch.cuda.synchronize()
             self.seconds += time.perf_counter() - t
             return out
 
     backend, provider, precision = argument.split(":")
     torch_bf16 = backend == "torch" and precision == "bf16"
-    detector = Detector(load_model("default"), backend=backend, threads=threads, provider=provider,
-                        precision="auto" if torch_bf16 else precision)
+    if backend == "torch":
+        detector = Detector(load_model("default"), backend=backend, threads=threads, device=provider)
+    else:
+        detector = Detector(load_model("default"), backend=backend, threads=threads, provider=provider,
+                            precision=precision)
     network = detector._detector.network
-    timed = detector._detector.network = TimedNetwork(AutocastNetwork(network, "cpu") if torch_bf16 else network)
+    timed = detector._detector.network = TimedNetwork(
+        AutocastNetwork(network, detector.device.type) if torch_bf16 else network)
     started = time.perf_counter()
     volume = load_volume(files)
     loaded = time.perf_counter()
@@ -152,26 +175,29 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
     if len(again) != len(detections) or any(max(abs(a - b) for a, b in zip(x.center_mm, y.center_mm)) > 0.5
                                             for x, y in zip(again, detections)):
         raise RuntimeError("the same volume gave different detections on a second call")
+    gpu = detector.device.type == "cuda"
     return {"load_s": loaded - started, "first_s": first_done - loaded, "detect_s": done - first_done,
             "network_s": timed.seconds, "total_s": first_done - started,
             "detections": len(detections), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gpu": torch.cuda.get_device_name() if gpu else None,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
             "sw_batch_size": detector.settings.sw_batch_size, "views": len(detector.settings.tta_flips or ((),))}
 
 
-def bench_detect(files: list[Path], threads: int) -> list[tuple[DetectRun, dict]]:
+def bench_detect(series_dir: Path, threads: int) -> list[tuple[DetectRun, dict]]:
     results = []
     for run in detect_runs():
         out = subprocess.run([sys.executable, "-m", "lungnode.bench", "--detect-once", run.argument,
-                              "--threads", str(threads)], capture_output=True, text=True)
+                              "--series", str(series_dir), "--threads", str(threads)], capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{run.label} detection failed:\n{out.stderr[-2000:]}")
         results.append((run, json.loads(out.stdout.strip().splitlines()[-1])))
     return results
 
 
-def print_detect(results: list[tuple[DetectRun, dict]], n_slices: int, threads: int) -> None:
+def print_detect(results: list[tuple[DetectRun, dict]], source: str, n_slices: int, threads: int) -> None:
     first = results[0][1]
-    print(f"\nDetect on LIDC-IDRI-0002 ({n_slices} slices), default model ({first['views']} flip views, windows "
+    print(f"\nDetect on {source} ({n_slices} slices), default model ({first['views']} flip views, windows "
           f"of {first['sw_batch_size']}), {threads} CPU threads, whole pipeline from DICOM files")
     torch_s = results[-1][1]["detect_s"]
     torch_net = results[-1][1]["network_s"]
@@ -181,7 +207,10 @@ def print_detect(results: list[tuple[DetectRun, dict]], n_slices: int, threads: 
         print(f"{run.label:<40}{r['load_s']:>7.1f}{r['first_s']:>11.1f}{r['total_s']:>8.1f}{r['detect_s']:>9.1f}"
               f"{r['network_s']:>10.1f}{r['peak_rss_gib']:>9.2f}{r['detections']:>9}{torch_s / r['detect_s']:>19.2f}x"
               f"{torch_net / r['network_s']:>8.2f}x")
-    bf16 = next((r for run, r in results if run.backend == "torch" and run.precision == "bf16"), None)
+    for run, r in results:
+        if r.get("gpu"):
+            print(f"{run.label}: {r['gpu']}, peak GPU memory {r['peak_gpu_gib']:.2f} GiB")
+    bf16 = next((r for run, r in results if run.argument == "torch:cpu:bf16"), None)
     against_bf16 = (f"against PyTorch's bf16 autocast: network {_faster(bf16['network_s'] / first['network_s'])}"
                     if bf16 else "no PyTorch bf16 row: this CPU has no native bfloat16")
     print(f"total = load + 1st detect: a study on a freshly started node (the first call also pays one-off costs);\n"
@@ -203,25 +232,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--skip-receive", action="store_true")
     parser.add_argument("--skip-detect", action="store_true")
+    parser.add_argument("--phantom", type=int, metavar="SEED",
+                        help="a generated phantom of LIDC-IDRI-0002's geometry instead of the real series")
     parser.add_argument("--detect-once", metavar="BACKEND:PROVIDER:PRECISION", help=argparse.SUPPRESS)
+    parser.add_argument("--series", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    series = sorted((data_root() / "LIDC-IDRI-0002").glob("*/*.dcm"))
-    if not series:
-        print(f"LIDC-IDRI-0002 not found under {data_root()}: set LUNGNODE_TEST_DATA", file=sys.stderr)
-        return 2
     if args.detect_once:
-        print(json.dumps(detect_once(args.detect_once, series, args.threads)))
+        print(json.dumps(detect_once(args.detect_once, sorted(args.series.rglob("*.dcm")), args.threads)))
         return 0
-    for tool in ("storescu", "storescp", "echoscu"):
-        if shutil.which(tool) is None:
-            print(f"{tool} missing: apt-get install dcmtk orthanc", file=sys.stderr)
-            return 2
-    print(machine())
     if not args.skip_receive:
-        print_receive(series, args.runs)
-    if not args.skip_detect:
-        print_detect(bench_detect(series, args.threads), len(series), args.threads)
+        for tool in ("storescu", "storescp", "echoscu"):
+            if shutil.which(tool) is None:
+                print(f"{tool} missing: apt-get install dcmtk orthanc", file=sys.stderr)
+                return 2
+    with tempfile.TemporaryDirectory(prefix="lungnode-bench-series-") as tmp:
+        if args.phantom is not None:
+            series_dir, source = phantom_series(args.phantom, Path(tmp)), f"phantom {args.phantom} (LIDC-IDRI-0002's geometry)"
+        else:
+            series_dir, source = data_root() / "LIDC-IDRI-0002", "LIDC-IDRI-0002"
+        series = sorted(series_dir.rglob("*.dcm"))
+        if not series:
+            print(f"LIDC-IDRI-0002 not found under {data_root()}: set LUNGNODE_TEST_DATA, or time a phantom "
+                  "(--phantom SEED)", file=sys.stderr)
+            return 2
+        print(machine())
+        if not args.skip_receive:
+            print_receive(series, source, args.runs)
+        if not args.skip_detect:
+            print_detect(bench_detect(series_dir, args.threads), source, len(series), args.threads)
     return 0
+
+
+def phantom_series(seed: int, out: Path) -> Path:
+    """A phantom with LIDC-IDRI-0002's voxel grid, written as a DICOM series under ``out``."""
+    from lungnode.training.synth import make_phantom, write_dicom_series
+
+    spacing = LIDC_0002_SPACING
+    fov = tuple(n * s for n, s in zip(LIDC_0002_SHAPE, spacing))
+    phantom = make_phantom(seed, spacing=spacing, field_of_view_mm=fov, z_fov_fraction=(1.0, 1.0))
+    write_dicom_series(phantom, out / "phantom", patient_id=f"BENCH-{seed}")
+    return out / "phantom"
 
 
 def machine() -> str:
@@ -237,11 +287,11 @@ def machine() -> str:
     return f"Machine: {name}, {os.cpu_count()} CPUs, native bfloat16: {'yes' if cpu_has_bf16() else 'no'}"
 
 
-def print_receive(series: list[Path], runs: int) -> None:
+def print_receive(series: list[Path], source: str, runs: int) -> None:
     size = sum(p.stat().st_size for p in series) / 2**20
     with tempfile.TemporaryDirectory(prefix="lungnode-bench-") as tmp:
         rx = bench_receive(series, runs, Path(tmp))
-    print(f"\nReceive and persist LIDC-IDRI-0002: {len(series)} instances, {size:.0f} MiB, storescu over "
+    print(f"\nReceive and persist {source}: {len(series)} instances, {size:.0f} MiB, storescu over "
           f"loopback, median of {runs} runs")
     print(f"{'receiver':<50}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
     notes = {"lungnode": "lungnode (journal fsynced + indexed, then Success)",

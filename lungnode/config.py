@@ -5,7 +5,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, field_validator
@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     backend: str = "onnxruntime"  # or "torch" (the PyTorch state dict; for comparison)
     onnx_provider: Provider = "auto"  # auto: CUDA, else OpenVINO, else ONNX Runtime's CPU provider
     onnx_precision: Precision = "auto"  # f32: no bfloat16 on CPUs that have it
+    torch_device: Literal["auto", "cpu", "cuda"] = "auto"  # backend torch: auto takes a CUDA GPU when PyTorch sees one
     threads: int = 0  # 0 = all cores
     # Delivery of results.
     send_retry_first_seconds: float = 5.0

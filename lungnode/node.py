@@ -72,7 +72,7 @@ class Node:
             log.warning("%d study(ies) were being processed at the last stop: queued again", recovered)
         self.detector = Detector(load_model(self.settings.model), backend=self.settings.backend,
                                  threads=self.settings.threads, provider=self.settings.onnx_provider,
-                                 precision=self.settings.onnx_precision)
+                                 precision=self.settings.onnx_precision, device=self.settings.torch_device)
         self.scp.start()
         self._threads = [self.completion,
                          threading.Thread(target=self._work_loop, name="worker", daemon=True),

@@ -181,6 +181,19 @@ def test_an_unknown_or_missing_provider_is_a_clear_error(spec):
             Detector(spec, provider="cuda")
 
 
+def test_torch_device_auto_takes_what_pytorch_sees_and_a_missing_gpu_is_a_clear_error(spec):
+    import torch
+
+    detector = Detector(spec, backend="torch", device="auto")
+    assert detector.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(detector._detector.network.parameters()).device.type == detector.device.type
+    with pytest.raises(ValueError, match="unknown torch device 'gpu'"):
+        Detector(spec, backend="torch", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA build of torch"):
+            Detector(spec, backend="torch", device="cuda")
+
+
 def test_a_box_nested_in_a_stronger_one_is_reported_once():
     from lungnode.inference.detector import drop_nested
     from lungnode.inference.types import Detection

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lungnode.inference.detector import Detector
+from lungnode.inference.detector import TORCH_DEVICES, Detector
 from lungnode.inference.onnx_runtime import PRECISIONS, PROVIDERS
 from lungnode.models.registry import load_model
 from lungnode.training.eval_report import markdown_table, plot_froc, size_table
@@ -157,7 +157,8 @@ def scan_table(rows: list[ScanRow], threshold: float) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
-    detector = Detector(spec, backend=args.backend, provider=args.onnx_provider, precision=args.onnx_precision)
+    detector = Detector(spec, backend=args.backend, provider=args.onnx_provider, precision=args.onnx_precision,
+                        device=args.torch_device)
     scans, _ = eval_sets.from_arguments(args)
     outcome = evaluate(detector, scans, bootstraps=args.bootstraps)
     out = Path(args.out)
@@ -193,6 +194,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="eval", help="name of this evaluation set (metric prefix)")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--torch-device", default="auto", choices=TORCH_DEVICES,
+                   help="with --backend torch (auto: a CUDA GPU when PyTorch sees one)")
     p.add_argument("--onnx-provider", default="auto", choices=PROVIDERS,
                    help="ONNX Runtime execution provider (auto: CUDA, else OpenVINO, else CPU)")
     p.add_argument("--onnx-precision", default="auto", choices=PRECISIONS,
