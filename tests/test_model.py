@@ -133,8 +133,10 @@ def test_bfloat16_training_lowers_the_loss_and_saves_plain_weights(tmp_path, mon
 
 def test_bfloat16_asked_on_a_cpu_without_it_trains_in_float32(tmp_path, monkeypatch, caplog):
     """Emulated bfloat16 is ~40x slower than float32 on an AVX2-only CPU: the run falls back, says so,
-    and its config.yaml records what it really used."""
+    and its config.yaml records what it really used. (On a machine with a CUDA GPU `fit` trains there, in
+    bfloat16: the CPU path is what is tested here.)"""
     monkeypatch.setattr("lungnode.inference.onnx_runtime.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = _tiny_config(tmp_path, 10)
     cfg.precision = "bf16"
     with caplog.at_level("WARNING", logger="lungnode.training.fit"):
