@@ -247,17 +247,13 @@ class Detector:
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
         selector.score_thresh = min(floor, TTA_VIEW_FLOOR) if len(flips) > 1 else floor
-        views = []
         try:
             with torch.no_grad():
-                on_device = prepared.image.to(self.device)
-                for axes in flips:
-                    image = on_device.flip(list(axes)) if axes else on_device
-                    result = self._detector(image[None, None], use_inferer=True)[0]
-                    views.append((mirror_boxes(result[BOX_KEY].cpu().numpy(), axes, prepared.image.shape),
-                                  result[SCORE_KEY].cpu().numpy().astype(np.float64)))
+                results = self._views(prepared.image.to(self.device), flips)
         finally:
             selector.score_thresh = card_threshold
+        views = [(mirror_boxes(r[BOX_KEY].cpu().numpy(), axes, prepared.image.shape),
+                  r[SCORE_KEY].cpu().numpy().astype(np.float64)) for axes, r in zip(flips, results)]
         boxes, scores = fuse_views(views) if len(views) > 1 else views[0]
         keep = scores >= floor
         boxes, scores = boxes[keep], scores[keep]
@@ -268,6 +264,18 @@ class Detector:
             boxes, scores = boxes[keep], scores[keep]
             detections = [d for d, k in zip(detections, keep) if k]
         return Candidates(prepared, boxes.reshape(-1, 6), scores, detections)
+
+    def _views(self, image: torch.Tensor, flips) -> list[dict]:
+        """The detector's boxes for each mirrored view of ``image``. An image of at most the card's
+        ``whole_image_max_voxels`` goes through the network whole, ``sw_batch_size`` views a call:
+        overlapping sliding windows compute most voxels about twice, and each window's edges see zero
+        padding instead of the tissue beyond them."""
+        images = [image.flip(list(axes)) if axes else image for axes in flips]
+        if image.numel() > self.settings.whole_image_max_voxels:
+            return [self._detector(view[None, None], use_inferer=True)[0] for view in images]
+        step = max(1, self.settings.sw_batch_size)
+        return [r for i in range(0, len(images), step)
+                for r in self._detector(torch.stack(images[i : i + step])[:, None], use_inferer=False)]
 
     def _lungs(self, volume: Volume) -> np.ndarray | None:
         """The lung mask, or None when the card turns it off or no lungs are found (then the whole

@@ -55,6 +55,9 @@ class InferenceSettings(BaseModel):
     # Windows per network call: PyTorch runs 3D convolutions through oneDNN only for batches > 1 (a single
     # window takes its slow reference path), and ONNX Runtime gains a little too; same results either way.
     sw_batch_size: int = 2
+    # Images (the lung crop at model spacing) of at most this many voxels go through the network whole,
+    # in one call (sw_batch_size mirrored views a call), not in sliding windows; 0 = always windows.
+    whole_image_max_voxels: int = 0
     score_threshold: float
     nms_threshold: float
     topk_candidates_per_level: int

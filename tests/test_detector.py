@@ -94,6 +94,42 @@ def test_finds_the_nodules_of_an_unseen_phantom(phantom, ort_detections, spec):
         assert 2 <= det.diameter_mm <= 40
 
 
+@pytest.mark.parametrize("whole_image_max_voxels", [0, 50_000_000], ids=["sliding windows", "whole crop"])
+def test_sliding_windows_and_the_whole_crop_find_the_same_nodules(phantom, spec, whole_image_max_voxels):
+    """The card says how the network sees the lung crop: in overlapping windows, or whole (one call a
+    view, fewer voxels computed); either way the phantom's nodules are found, in the same places."""
+    import torch
+    from dataclasses import replace
+
+    volume, ph = phantom
+    inference = spec.card.inference.model_copy(update={"whole_image_max_voxels": whole_image_max_voxels})
+    detector = Detector(replace(spec, card=spec.card.model_copy(update={"inference": inference})))
+    calls = []
+    network = detector._detector.network
+
+    class Counted(torch.nn.Module):
+        def forward(self, images):
+            calls.append(tuple(images.shape))
+            return network(images)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(network, name)
+
+    detector._detector.network = Counted()
+    found = detector.detect(volume)
+    views = len(spec.card.inference.tta_flips or ((),))
+    if whole_image_max_voxels:
+        assert len(calls) == -(-views // inference.sw_batch_size), calls
+        assert all(c[2:] != tuple(inference.roi_size) for c in calls), "whole crops, not windows"
+    else:
+        assert len(calls) > views and all(c[2:] == tuple(inference.roi_size) for c in calls)
+    centers, diameters = _truth(ph)
+    assert all(match(found, centers, diameters).hits), (ph.nodules, found)
+
+
 def test_world_coordinates_do_not_depend_on_slice_order(phantom, spec):
     """The same scan stored bottom-up (k reversed, direction z = -1) gives the same world positions."""
     volume, ph = phantom

@@ -18,7 +18,7 @@ def card_markdown(card: ModelCard) -> str:
 - Network: MONAI RetinaNet, small 3D ResNet + FPN backbone, {card.parameters:,} parameters; ONNX opset {card.onnx_opset}
   (`{card.onnx_file}`, sha256 `{card.onnx_sha256}`), PyTorch state dict `{card.state_dict_file}`
 - Input: body crop resampled to {inf.spacing_mm} mm (i, j, k), HU clipped to {inf.window_hu} and scaled to 0..1
-- Sliding window {inf.roi_size} voxels, overlap {inf.overlap}; training patches {inf.patch_size}
+- {_network_calls(inf)}; training patches {inf.patch_size}
 - Anchors (voxels, i j k): {card.anchor_shapes_voxels}
 - Output: boxes with score >= {inf.score_threshold}, NMS IoU {inf.nms_threshold}, at most {inf.detections_per_image}
 - Test-time augmentation: {f"{len(inf.tta_flips)} views, mirrored along model axes {[list(f) for f in inf.tta_flips]}, scores fused (inference/tta.py)" if inf.tta_flips else "none"}
@@ -65,3 +65,11 @@ def rewrite_card_markdown(card_path: Path) -> None:
     old = md.read_text() if md.is_file() else ""
     notes = old[old.index(LIMITS) + len(LIMITS):] if LIMITS in old else ""
     md.write_text(card_markdown(ModelCard.model_validate_json(card_path.read_text())) + notes)
+
+
+def _network_calls(inf) -> str:
+    windows = f"sliding window {inf.roi_size} voxels, overlap {inf.overlap}"
+    if inf.whole_image_max_voxels <= 0:
+        return windows[0].upper() + windows[1:]
+    return (f"The lung crop through the network whole when it has at most {inf.whole_image_max_voxels:,} voxels "
+            f"({inf.sw_batch_size} view(s) a call), else {windows}")
