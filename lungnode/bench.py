@@ -142,9 +142,10 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
     class TimedNetwork(torch.nn.Module):
         def __init__(self, network: torch.nn.Module) -> None:
             super().__init__()
-            self.inner, self.seconds = network, 0.0
+            self.inner, self.seconds, self.calls = network, 0.0, 0
 
         def forward(self, images):
+            self.calls += 1
             t = time.perf_counter()
             out = self.inner(images)
             if images.is_cuda:  # GPU calls return before the work is done
@@ -169,7 +170,7 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
     first_done = time.perf_counter()
     # The node keeps its model loaded from study to study: the next study's time is the steady state
     # (the first call also pays one-off costs: kernel selection, memory pools, OpenVINO's compilation).
-    timed.seconds = 0.0
+    timed.seconds, timed.calls = 0.0, 0
     again = detector.detect(volume)
     done = time.perf_counter()
     if len(again) != len(detections) or any(max(abs(a - b) for a, b in zip(x.center_mm, y.center_mm)) > 0.5
@@ -181,7 +182,7 @@ def detect_once(argument: str, files: list[Path], threads: int) -> dict:
             "detections": len(detections), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gpu": torch.cuda.get_device_name() if gpu else None,
             "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
-            "sw_batch_size": detector.settings.sw_batch_size, "views": len(detector.settings.tta_flips or ((),))}
+            "calls": timed.calls, "views": len(detector.settings.tta_flips or ((),))}
 
 
 def bench_detect(series_dir: Path, threads: int) -> list[tuple[DetectRun, dict]]:
@@ -197,8 +198,8 @@ def bench_detect(series_dir: Path, threads: int) -> list[tuple[DetectRun, dict]]
 
 def print_detect(results: list[tuple[DetectRun, dict]], source: str, n_slices: int, threads: int) -> None:
     first = results[0][1]
-    print(f"\nDetect on {source} ({n_slices} slices), default model ({first['views']} flip views, windows "
-          f"of {first['sw_batch_size']}), {threads} CPU threads, whole pipeline from DICOM files")
+    print(f"\nDetect on {source} ({n_slices} slices), default model ({first['views']} flip views, {first['calls']} "
+          f"network calls a study), {threads} CPU threads, whole pipeline from DICOM files")
     torch_s = results[-1][1]["detect_s"]
     torch_net = results[-1][1]["network_s"]
     print(f"{'backend':<40}{'load s':>7}{'1st detect':>11}{'total s':>8}{'detect s':>9}{'network s':>10}"
@@ -214,8 +215,9 @@ def print_detect(results: list[tuple[DetectRun, dict]], source: str, n_slices: i
     against_bf16 = (f"against PyTorch's bf16 autocast: network {_faster(bf16['network_s'] / first['network_s'])}"
                     if bf16 else "no PyTorch bf16 row: this CPU has no native bfloat16")
     print(f"total = load + 1st detect: a study on a freshly started node (the first call also pays one-off costs);\n"
-          f"detect = the next study's detection, the node's steady state: lung mask + preparation + sliding-window\n"
-          f"network calls + boxes; network = those calls alone. Ratios are on the steady state.\n"
+          f"detect = the next study's detection, the node's steady state: lung mask + preparation + network calls\n"
+          f"(the whole lung crop or sliding windows, as the model card says) + boxes + second stage; network = those\n"
+          f"calls alone. Ratios are on the steady state.\n"
           f"The node's ONNX Runtime ({results[0][0].provider}) against PyTorch eager f32: network "
           f"{_faster(torch_net / first['network_s'])}, detect stage {_faster(torch_s / first['detect_s'])}; "
           f"{against_bf16}.\n"
