@@ -270,12 +270,14 @@ class Detector:
         ``whole_image_max_voxels`` goes through the network whole, ``sw_batch_size`` views a call:
         overlapping sliding windows compute most voxels about twice, and each window's edges see zero
         padding instead of the tissue beyond them."""
-        images = [image.flip(list(axes)) if axes else image for axes in flips]
+        def view(axes) -> torch.Tensor:  # made when needed: a mirrored copy is as large as the image
+            return image.flip(list(axes)) if axes else image
+
         if image.numel() > self.settings.whole_image_max_voxels:
-            return [self._detector(view[None, None], use_inferer=True)[0] for view in images]
+            return [self._detector(view(axes)[None, None], use_inferer=True)[0] for axes in flips]
         step = max(1, self.settings.sw_batch_size)
-        return [r for i in range(0, len(images), step)
-                for r in self._detector(torch.stack(images[i : i + step])[:, None], use_inferer=False)]
+        return [r for i in range(0, len(flips), step)
+                for r in self._detector(torch.stack([view(a) for a in flips[i : i + step]])[:, None], use_inferer=False)]
 
     def _lungs(self, volume: Volume) -> np.ndarray | None:
         """The lung mask, or None when the card turns it off or no lungs are found (then the whole

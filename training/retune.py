@@ -42,13 +42,13 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
         "description": source.card.description + f"; {source.info.name}'s networks run with {changes}",
         "onnx_file": files[source.onnx_path].name,
         "state_dict_file": files[source.state_dict_path].name if source.state_dict_path else None,
-        "inference": source.card.inference.model_copy(update=inference), "metrics": {},
+        "inference": type(source.card.inference).model_validate({**source.card.inference.model_dump(), **inference}),
+        "metrics": {},
     })
     if card.second_stage is not None:
         card.second_stage.onnx_file = files[source.second_stage_path].name
         if source.second_stage_state_dict_path is not None:
             card.second_stage.state_dict_file = files[source.second_stage_state_dict_path].name
-    card.inference = type(card.inference).model_validate(card.inference.model_dump())  # checks the new values
     card_path = out.with_suffix(".json")
     card_path.write_text(card.model_dump_json(indent=2))
     detector = Detector(load_model(str(card_path)))
