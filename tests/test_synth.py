@@ -230,3 +230,33 @@ def test_airway_branches_all_end_in_cones():
                             length=(4.0, 7.0), taper_from=1e9)
     starts = {t.p0 for t in untapered}
     assert min(t.r1 for t in untapered if t.p1 not in starts) >= 2.0 * 0.9
+
+
+def test_focus_phantoms_hold_only_the_hard_cases_and_the_rest_are_unchanged(tmp_path):
+    """A training mix with focus_fraction draws that share of phantoms with only small juxtavascular
+    nodules (what v11 missed); the other phantoms are exactly those of the plain mix."""
+    from lungnode.models.registry import InferenceSettings
+    from lungnode.training.data import PhantomMix, build_cache
+    from lungnode.training.fit import PhantomConfig
+
+    plain = PhantomMix(model_spacing_mm=(2.8, 2.8, 5.0), **PhantomConfig().model_dump())
+    focus_cfg = PhantomConfig(focus_fraction=0.4, focus_n_nodules=(3, 3), focus_diameter_range_mm=(5, 8))
+    focus = PhantomMix(model_spacing_mm=(2.8, 2.8, 5.0), **focus_cfg.model_dump())
+    drawn = [focus.for_seed(s) for s in range(200)]
+    picked = [s for s, ps in zip(range(200), drawn) if ps.attachments is not None]
+    assert 60 <= len(picked) <= 100
+    for s, ps in zip(range(200), drawn):
+        if ps.attachments is None:
+            assert ps == plain.for_seed(s)
+        else:
+            assert (ps.attachments, ps.n_nodules, ps.diameter_range_mm) == (("vascular",), (3, 3), (5, 8))
+            assert ps.spacing_mm == plain.for_seed(s).spacing_mm
+    inf = InferenceSettings(spacing_mm=(2.8, 2.8, 5.0), window_hu=(-1024, 500), patch_size=(32, 32, 16),
+                            roi_size=(32, 32, 16), overlap=0.25, score_threshold=0.5, nms_threshold=0.1,
+                            topk_candidates_per_level=100, detections_per_image=10, body_threshold_hu=-500,
+                            body_margin_mm=10, lung_mask=False)
+    [img] = build_cache(tmp_path, picked[:1], focus, inf)
+    meta = json.loads(img.with_suffix(".json").read_text())
+    assert len(meta["boxes"]) == 3 and all(5 <= d <= 8 for d in meta["diameters_mm"])
+    with pytest.raises(ValueError):
+        PhantomConfig(focus_attachments=["beside the heart"])

@@ -36,17 +36,22 @@ class PhantomSettings:
     field_of_view_mm: float | None = None
     n_nodules: tuple[int, int] | None = None
     diameter_range_mm: tuple[float, float] | None = None
+    attachments: tuple[str, ...] | None = None
 
     def make_phantom_kwargs(self) -> dict:
         names = {"spacing_mm": "spacing", "field_of_view_mm": "field_of_view_mm", "n_nodules": "n_nodules",
-                 "diameter_range_mm": "diameter_range_mm"}
+                 "diameter_range_mm": "diameter_range_mm", "attachments": "attachments"}
         return {arg: getattr(self, f) for f, arg in names.items() if getattr(self, f) is not None}
 
 
 @dataclass(frozen=True)
 class PhantomMix:
     """The training population: some phantoms made at the model spacing (fast), the rest at a random
-    scanner-like spacing and resampled by ``prepare`` like a real series."""
+    scanner-like spacing and resampled by ``prepare`` like a real series.
+
+    A ``focus_fraction`` of the phantoms hold the detector's hard cases instead of the usual mix (for
+    instance several small nodules all beside vessels), so they are seen often enough to be learnt.
+    """
 
     model_spacing_mm: tuple[float, float, float]
     model_spacing_fraction: float
@@ -55,6 +60,10 @@ class PhantomMix:
     field_of_view_mm: tuple[float, float]
     n_nodules: tuple[int, int]
     diameter_range_mm: tuple[float, float]
+    focus_fraction: float = 0.0
+    focus_n_nodules: tuple[int, int] = (2, 6)
+    focus_diameter_range_mm: tuple[float, float] = (4.0, 10.0)
+    focus_attachments: tuple[str, ...] = ("vascular",)
 
     def for_seed(self, seed: int) -> PhantomSettings:
         rng = np.random.default_rng([seed, 0x5EED])
@@ -63,12 +72,13 @@ class PhantomMix:
         else:
             inplane = float(np.round(rng.uniform(*self.native_inplane_mm), 3))
             spacing = (inplane, inplane, float(np.round(rng.uniform(*self.native_slice_mm), 2)))
-        return PhantomSettings(
-            spacing_mm=spacing,
-            field_of_view_mm=float(np.round(rng.uniform(*self.field_of_view_mm))),
-            n_nodules=self.n_nodules,
-            diameter_range_mm=self.diameter_range_mm,
-        )
+        fov = float(np.round(rng.uniform(*self.field_of_view_mm)))
+        if self.focus_fraction > 0 and rng.random() < self.focus_fraction:
+            return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.focus_n_nodules,
+                                   diameter_range_mm=self.focus_diameter_range_mm,
+                                   attachments=tuple(self.focus_attachments))
+        return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.n_nodules,
+                               diameter_range_mm=self.diameter_range_mm)
 
 
 def phantom_volume(seed: int, ps: PhantomSettings):

@@ -43,6 +43,10 @@ class PhantomConfig(BaseModel):
     field_of_view_mm: tuple[float, float] = (330.0, 400.0)
     n_nodules: tuple[int, int] = (1, 5)
     diameter_range_mm: tuple[float, float] = (4.0, 25.0)
+    focus_fraction: float = 0.0
+    focus_n_nodules: tuple[int, int] = (2, 6)
+    focus_diameter_range_mm: tuple[float, float] = (4.0, 10.0)
+    focus_attachments: tuple[Literal["none", "pleural", "vascular"], ...] = ("vascular",)
 
 
 class DatalistSource(BaseModel):
