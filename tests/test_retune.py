@@ -32,3 +32,40 @@ def test_retuned_model_runs_its_new_settings_and_chooses_its_threshold(tmp_path)
 def test_an_unknown_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown inference setting"):
         retune("default", tmp_path / "x", "1.0.0", {"window_size": 3}, TUNING, None)
+
+
+def _fine_tune(tmp_path, init_weights, iterations: int = 2):
+    """A real (tiny) `train fit` run from ``init_weights`` with the default model's network and settings."""
+    from lungnode.training.fit import TrainConfig, fit
+
+    source = load_model("default")
+    cfg = TrainConfig(seed=1, network=source.card.network,
+                      phantoms={"model_spacing_fraction": 1.0, "field_of_view_mm": (300, 300), "n_nodules": (2, 2),
+                                "diameter_range_mm": (6, 12)},
+                      train_seeds=(5, 5), cache_dir=tmp_path / "cache", inference=source.card.inference,
+                      batch_size=1, workers=0, cache_processes=1, iterations=iterations, lr=1e-5,
+                      warmup_iterations=1, init_weights=init_weights)
+    fit(cfg, tmp_path / "run", command="lungnode train fit (test)")
+    return tmp_path / "run" / "checkpoint.pt"
+
+
+def test_a_fine_tuned_detector_replaces_the_first_stage_and_keeps_the_second(tmp_path):
+    source = load_model("default")
+    checkpoint = _fine_tune(tmp_path, source.state_dict_path)
+    card_path = retune("default", tmp_path / "models" / "tuned", "3.0.0", {}, TUNING, max_fp_per_scan=2.5,
+                       detector_checkpoint=checkpoint)
+    spec = load_model(str(card_path))  # every file beside the card, sha256-checked
+    assert spec.info.sha256 != source.info.sha256, "the fine-tuned network, exported to ONNX"
+    assert spec.card.export_max_abs_diff < 1e-3
+    assert spec.card.training.iterations == 2 and spec.card.training.command == "lungnode train fit (test)"
+    assert spec.card.data.train_seeds == [5, 5] and spec.card.data.eval_seeds == list(TUNING)
+    if source.card.second_stage is not None:
+        assert spec.card.second_stage.onnx_sha256 == source.card.second_stage.onnx_sha256
+    assert "detector fine-tuned (2 iterations)" in spec.card.description
+    assert "sensitivity" in spec.card.metrics
+
+
+def test_a_detector_not_fine_tuned_from_the_model_is_refused(tmp_path):
+    checkpoint = _fine_tune(tmp_path, None, iterations=1)  # trained from random weights
+    with pytest.raises(ValueError, match="not fine-tuned from"):
+        retune("default", tmp_path / "x", "1.0.0", {}, TUNING, None, detector_checkpoint=checkpoint)

@@ -91,6 +91,61 @@ def set_operating_point(card: ModelCard, result, max_fp_per_scan: float | None, 
     card_path.with_suffix(".md").write_text(card_markdown(card))
 
 
+def export_network(ckpt: dict, out: Path) -> tuple[NetConfig, torch.nn.Module, float]:
+    """A `train fit` checkpoint's network -> out.onnx and out.pt; the ONNX is checked against PyTorch
+    on an input of another size than traced. Returns (network config, network, max abs difference)."""
+    cfg = TrainConfig.model_validate(ckpt["config"])
+    net_cfg = NetConfig.from_dict(ckpt["net_config"])
+    net = build_network(net_cfg, use_list_output=True)
+    net.load_state_dict(ckpt["network"])
+    net.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = out.with_suffix(".onnx")
+    export_onnx(net, onnx_path, cfg.inference.patch_size, levels=len(net_cfg.returned_stages))
+    check_size = tuple(int(s) + 8 * (d + 1) for d, s in enumerate(cfg.inference.patch_size))
+    diff = max_abs_diff(net, onnx_path, check_size)
+    print(f"ONNX vs PyTorch on a {check_size} input: max abs diff {diff:.2e}")
+    if diff >= MAX_ABS_DIFF:
+        raise RuntimeError(f"exported ONNX differs from PyTorch by {diff} (limit {MAX_ABS_DIFF})")
+    torch.save(net.state_dict(), out.with_suffix(".pt"))
+    return net_cfg, net, diff
+
+
+def training_info(ckpt: dict, checkpoint: Path) -> TrainingInfo:
+    """How the checkpoint was trained: its run's command, config, iterations, time and device."""
+    cfg = TrainConfig.model_validate(ckpt["config"])
+    command_file = Path(checkpoint).parent / "command.txt"
+    return TrainingInfo(
+        command=command_file.read_text().strip() if command_file.is_file() else "",
+        config=ckpt["config"],
+        iterations=int(ckpt["iteration"]),
+        seconds=round(float(ckpt["seconds"]), 1),
+        device="cuda" if torch.cuda.is_available() else f"cpu ({cfg.threads} threads)",
+    )
+
+
+def data_info(cfg: TrainConfig, eval_seeds: tuple[int, int] | None) -> DataInfo:
+    """What the checkpoint was trained on (phantom population, real scans) and evaluated on."""
+    ph = cfg.phantoms
+    focus = (f"; {ph.focus_fraction:.0%} of them instead {ph.focus_n_nodules[0]}-{ph.focus_n_nodules[1]} nodules of "
+             f"{ph.focus_diameter_range_mm[0]}-{ph.focus_diameter_range_mm[1]} mm, {'/'.join(ph.focus_attachments)} only"
+             if ph.focus_fraction > 0 else "")
+    return DataInfo(
+        description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom "
+        f"(generator {GENERATOR_VERSION}); training: "
+        f"{ph.model_spacing_fraction:.0%} made at the model spacing, the rest at in-plane "
+        f"{ph.native_inplane_mm} mm / slice {ph.native_slice_mm} mm and resampled, "
+        f"field of view {ph.field_of_view_mm} mm, {ph.n_nodules[0]}-{ph.n_nodules[1]} "
+        f"nodules of {ph.diameter_range_mm[0]}-{ph.diameter_range_mm[1]} mm{focus}; "
+        "evaluation: make_phantom's defaults (0.7 x 0.7 x 2.5 mm, 512 x 512, 1-4 nodules of 4-25 mm)",
+        train_phantoms=len(cfg.seeds()),
+        train_seeds=list(cfg.train_seeds or []),
+        eval_phantoms=0 if eval_seeds is None else eval_seeds[1] - eval_seeds[0] + 1,
+        eval_seeds=[] if eval_seeds is None else list(eval_seeds),
+        train_scans=cfg.real_scans(),
+    )
+
+
 def export(
     checkpoint: Path,
     out: Path,
@@ -106,24 +161,9 @@ def export(
         cfg.inference.score_threshold = score_threshold
     if flip_tta:
         cfg.inference.tta_flips = FLIPS_LR_AP
-    net_cfg = NetConfig.from_dict(ckpt["net_config"])
-    net = build_network(net_cfg, use_list_output=True)
-    net.load_state_dict(ckpt["network"])
-    net.eval()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
+    net_cfg, net, diff = export_network(ckpt, out)
     name = out.name
     onnx_path, pt_path = out.with_suffix(".onnx"), out.with_suffix(".pt")
-    export_onnx(net, onnx_path, cfg.inference.patch_size, levels=len(net_cfg.returned_stages))
-    check_size = tuple(int(s) + 8 * (d + 1) for d, s in enumerate(cfg.inference.patch_size))
-    diff = max_abs_diff(net, onnx_path, check_size)
-    print(f"ONNX vs PyTorch on a {check_size} input: max abs diff {diff:.2e}")
-    if diff >= MAX_ABS_DIFF:
-        raise RuntimeError(f"exported ONNX differs from PyTorch by {diff} (limit {MAX_ABS_DIFF})")
-    torch.save(net.state_dict(), pt_path)
-
-    run_dir = Path(checkpoint).parent
-    command_file = run_dir / "command.txt"
     card = ModelCard(
         name=name,
         version=version,
@@ -139,27 +179,8 @@ def export(
         network=net_cfg.to_dict(),
         anchor_shapes_voxels=anchor_shapes(net_cfg),
         inference=cfg.inference,
-        training=TrainingInfo(
-            command=command_file.read_text().strip() if command_file.is_file() else "",
-            config=ckpt["config"],
-            iterations=int(ckpt["iteration"]),
-            seconds=round(float(ckpt["seconds"]), 1),
-            device="cuda" if torch.cuda.is_available() else f"cpu ({cfg.threads} threads)",
-        ),
-        data=DataInfo(
-            description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom "
-            f"(generator {GENERATOR_VERSION}); training: "
-            f"{cfg.phantoms.model_spacing_fraction:.0%} made at the model spacing, the rest at in-plane "
-            f"{cfg.phantoms.native_inplane_mm} mm / slice {cfg.phantoms.native_slice_mm} mm and resampled, "
-            f"field of view {cfg.phantoms.field_of_view_mm} mm, {cfg.phantoms.n_nodules[0]}-{cfg.phantoms.n_nodules[1]} "
-            f"nodules of {cfg.phantoms.diameter_range_mm[0]}-{cfg.phantoms.diameter_range_mm[1]} mm; "
-            "evaluation: make_phantom's defaults (0.7 x 0.7 x 2.5 mm, 512 x 512, 1-4 nodules of 4-25 mm)",
-            train_phantoms=len(cfg.seeds()),
-            train_seeds=list(cfg.train_seeds or []),
-            eval_phantoms=0 if eval_seeds is None else eval_seeds[1] - eval_seeds[0] + 1,
-            eval_seeds=[] if eval_seeds is None else list(eval_seeds),
-            train_scans=cfg.real_scans(),
-        ),
+        training=training_info(ckpt, checkpoint),
+        data=data_info(cfg, eval_seeds),
         metrics={},
         export_max_abs_diff=diff,
     )

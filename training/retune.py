@@ -1,11 +1,15 @@
-"""`lungnode train retune`: a shipped model with other inference settings becomes a new model, its
-operating point chosen again.
+"""`lungnode train retune`: a shipped model with other inference settings, or with its detector
+fine-tuned, becomes a new model, its operating point chosen again.
 
-The networks are the same files (copied under the new name; git stores identical files once); only
-how they are run changes (the whole lung crop in one network call instead of sliding windows, say).
-That moves the scores a little, so the second stage's fusion weight and the score threshold are chosen
-again on the tuning phantoms, by the rules `train attach-rescorer` and `train export` use. Then
-`train eval --update-card` on held-out sets and `train promote`, as for any new model.
+The networks are the same files (copied under the new name; git stores identical files once) and only
+how they are run changes (the whole lung crop in one network call instead of sliding windows, say); or
+the first stage is a `train fit` checkpoint fine-tuned from the model's own detector (``--detector``),
+exported and checked as `train export` does, while the second stage stays: a fine-tuned detector
+proposes the same kind of candidates, so the classifier that learned them still applies (a detector
+trained any other way needs its own mined candidates and rescorer). Either moves the scores, so the
+second stage's fusion weight and the score threshold are chosen again on the tuning phantoms, by the
+rules `train attach-rescorer` and `train export` use. Then `train eval --update-card` on held-out sets
+and `train promote`, as for any new model.
 """
 from __future__ import annotations
 
@@ -14,37 +18,75 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from lungnode.inference.detector import Detector
-from lungnode.models.registry import load_model
+from lungnode.models.registry import ModelSpec, load_model, sha256_file
+from lungnode.models.retinanet import NetConfig
 from lungnode.training.eval_run import evaluate
 from lungnode.training.eval_sets import phantom_scans
-from lungnode.training.export import set_operating_point
+from lungnode.training.export import data_info, export_network, set_operating_point, training_info
+from lungnode.training.fit import TrainConfig
 from lungnode.training.rescorer_attach import choose_weight
+
+# What must not change between a model and a detector fine-tuned for it (the prepared image and the
+# network's outputs mean the same).
+_PREPROCESSING = ("spacing_mm", "window_hu", "patch_size", "body_threshold_hu", "body_margin_mm")
+
+
+def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint: Path,
+                     eval_seeds: tuple[int, int]) -> None:
+    """Refuse a checkpoint that was not fine-tuned from ``source``'s own detector with its network
+    and preprocessing, or that trained on the tuning seeds."""
+    init = cfg.init_weights
+    if init is None or not Path(init).is_file() or sha256_file(Path(init)) != source.card.state_dict_sha256:
+        raise ValueError(f"{checkpoint} was not fine-tuned from {source.info.name}'s detector (its init_weights "
+                         f"{init} is not {source.card.state_dict_file}): the second stage learned that detector's "
+                         "candidates; mine the new detector's (train candidates) and fit a rescorer for it")
+    if NetConfig.from_dict(ckpt["net_config"]) != NetConfig.from_dict(source.card.network):
+        raise ValueError(f"{checkpoint}'s network differs from {source.info.name}'s")
+    ours, theirs = cfg.inference.model_dump(), source.card.inference.model_dump()
+    changed = [k for k in _PREPROCESSING if ours[k] != theirs[k]]
+    if changed:
+        raise ValueError(f"{checkpoint} prepares images differently from {source.info.name}: {', '.join(changed)}")
+    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
+    if overlap:
+        raise ValueError(f"tuning seeds overlap the detector's training seeds: {sorted(overlap)[:5]}...")
 
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None) -> Path:
+           max_fp_per_scan: float | None, detector_checkpoint: Path | None = None) -> Path:
     source = load_model(model)
     unknown = set(inference) - set(type(source.card.inference).model_fields)
     if unknown:
         raise ValueError(f"unknown inference setting(s): {', '.join(sorted(unknown))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name
-    files = {source.onnx_path: out.with_suffix(".onnx"), source.state_dict_path: out.with_suffix(".pt"),
-             source.second_stage_path: out.with_name(name + "-rescorer.onnx"),
+    files = {source.second_stage_path: out.with_name(name + "-rescorer.onnx"),
              source.second_stage_state_dict_path: out.with_name(name + "-rescorer.pt")}
+    update = {"name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "onnx_file": out.with_suffix(".onnx").name, "metrics": {}}
+    changes = [f"{k} {v}" for k, v in inference.items()]
+    if detector_checkpoint is None:
+        files.update({source.onnx_path: out.with_suffix(".onnx"), source.state_dict_path: out.with_suffix(".pt")})
+        update["state_dict_file"] = out.with_suffix(".pt").name if source.state_dict_path else None
+    else:
+        ckpt = torch.load(detector_checkpoint, map_location="cpu", weights_only=False)
+        cfg = TrainConfig.model_validate(ckpt["config"])
+        check_fine_tuned(source, cfg, ckpt, detector_checkpoint, eval_seeds)
+        _, _, diff = export_network(ckpt, out)
+        update.update({
+            "onnx_sha256": sha256_file(out.with_suffix(".onnx")), "state_dict_file": out.with_suffix(".pt").name,
+            "state_dict_sha256": sha256_file(out.with_suffix(".pt")), "export_max_abs_diff": diff,
+            "training": training_info(ckpt, detector_checkpoint), "data": data_info(cfg, eval_seeds),
+        })
+        changes.insert(0, f"its detector fine-tuned ({int(ckpt['iteration'])} iterations)")
     for src, dst in files.items():
         if src is not None:
             shutil.copy2(src, dst)
-    changes = ", ".join(f"{k} {v}" for k, v in inference.items())
-    card = source.card.model_copy(deep=True, update={
-        "name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "description": source.card.description + f"; {source.info.name}'s networks run with {changes}",
-        "onnx_file": files[source.onnx_path].name,
-        "state_dict_file": files[source.state_dict_path].name if source.state_dict_path else None,
-        "inference": type(source.card.inference).model_validate({**source.card.inference.model_dump(), **inference}),
-        "metrics": {},
-    })
+    update["description"] = source.card.description + f"; {source.info.name} with {', '.join(changes)}"
+    update["inference"] = type(source.card.inference).model_validate({**source.card.inference.model_dump(), **inference})
+    card = source.card.model_copy(deep=True, update=update)
     if card.second_stage is not None:
         card.second_stage.onnx_file = files[source.second_stage_path].name
         if source.second_stage_state_dict_path is not None:
@@ -72,17 +114,21 @@ def _run(args: argparse.Namespace) -> int:
         inference["whole_image_max_voxels"] = args.whole_image_max_voxels
     if args.sw_batch_size is not None:
         inference["sw_batch_size"] = args.sw_batch_size
-    if not inference:
-        raise SystemExit("nothing to change: give --whole-image-max-voxels and/or --sw-batch-size")
-    retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan)
+    if not inference and args.detector is None:
+        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels and/or --sw-batch-size")
+    retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector)
     return 0
 
 
 def add_command(tsub: argparse._SubParsersAction) -> None:
-    p = tsub.add_parser("retune", help="a model with other inference settings -> a new model, operating point chosen again")
+    p = tsub.add_parser("retune", help="a model with other inference settings or a fine-tuned detector -> a new model, "
+                                               "operating point chosen again")
     p.add_argument("--model", default="default", help="the model whose networks are reused")
     p.add_argument("--out", type=Path, required=True, help="models/NAME (writes NAME.json, .md and the network files)")
     p.add_argument("--version", default="1.0.0")
+    p.add_argument("--detector", type=Path, metavar="CHECKPOINT",
+                   help="runs/NAME/checkpoint.pt of `train fit` fine-tuned from the model's detector (init_weights): "
+                        "the new first stage")
     p.add_argument("--whole-image-max-voxels", type=int,
                    help="lung crops of at most this many model voxels go through the network whole (0: sliding windows)")
     p.add_argument("--sw-batch-size", type=int, help="windows (or, whole, mirrored views) per network call")
