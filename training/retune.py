@@ -114,8 +114,11 @@ def _run(args: argparse.Namespace) -> int:
         inference["whole_image_max_voxels"] = args.whole_image_max_voxels
     if args.sw_batch_size is not None:
         inference["sw_batch_size"] = args.sw_batch_size
+    if args.detections_per_image is not None:
+        inference["detections_per_image"] = args.detections_per_image
     if not inference and args.detector is None:
-        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels and/or --sw-batch-size")
+        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size "
+                         "and/or --detections-per-image")
     retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector)
     return 0
 
@@ -132,6 +135,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--whole-image-max-voxels", type=int,
                    help="lung crops of at most this many model voxels go through the network whole (0: sliding windows)")
     p.add_argument("--sw-batch-size", type=int, help="windows (or, whole, mirrored views) per network call")
+    p.add_argument("--detections-per-image", type=int,
+                   help="candidates the network keeps per view before the views are fused and rescored")
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900040, 900049), metavar=("FIRST", "LAST"),
                    help="tuning phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
