@@ -49,7 +49,7 @@ class PhantomMix:
     """The training population: some phantoms made at the model spacing (fast), the rest at a random
     scanner-like spacing and resampled by ``prepare`` like a real series.
 
-    A ``focus_fraction`` of the phantoms hold the detector's hard cases instead of the usual mix (for
+    Defaults: training.fit.PhantomConfig. A ``focus_fraction`` of the phantoms hold the detector's hard cases instead of the usual mix (for
     instance several small nodules all beside vessels), so they are seen often enough to be learnt.
     """
 
@@ -60,10 +60,10 @@ class PhantomMix:
     field_of_view_mm: tuple[float, float]
     n_nodules: tuple[int, int]
     diameter_range_mm: tuple[float, float]
-    focus_fraction: float = 0.0
-    focus_n_nodules: tuple[int, int] = (2, 6)
-    focus_diameter_range_mm: tuple[float, float] = (4.0, 10.0)
-    focus_attachments: tuple[str, ...] = ("vascular",)
+    focus_fraction: float
+    focus_n_nodules: tuple[int, int]
+    focus_diameter_range_mm: tuple[float, float]
+    focus_attachments: tuple[str, ...]
 
     def for_seed(self, seed: int) -> PhantomSettings:
         rng = np.random.default_rng([seed, 0x5EED])
@@ -76,7 +76,7 @@ class PhantomMix:
         if self.focus_fraction > 0 and rng.random() < self.focus_fraction:
             return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.focus_n_nodules,
                                    diameter_range_mm=self.focus_diameter_range_mm,
-                                   attachments=tuple(self.focus_attachments))
+                                   attachments=self.focus_attachments)
         return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.n_nodules,
                                diameter_range_mm=self.diameter_range_mm)
 

@@ -91,10 +91,9 @@ def set_operating_point(card: ModelCard, result, max_fp_per_scan: float | None, 
     card_path.with_suffix(".md").write_text(card_markdown(card))
 
 
-def export_network(ckpt: dict, out: Path) -> tuple[NetConfig, torch.nn.Module, float]:
+def export_network(ckpt: dict, cfg: TrainConfig, out: Path) -> tuple[NetConfig, torch.nn.Module, float]:
     """A `train fit` checkpoint's network -> out.onnx and out.pt; the ONNX is checked against PyTorch
     on an input of another size than traced. Returns (network config, network, max abs difference)."""
-    cfg = TrainConfig.model_validate(ckpt["config"])
     net_cfg = NetConfig.from_dict(ckpt["net_config"])
     net = build_network(net_cfg, use_list_output=True)
     net.load_state_dict(ckpt["network"])
@@ -111,9 +110,8 @@ def export_network(ckpt: dict, out: Path) -> tuple[NetConfig, torch.nn.Module, f
     return net_cfg, net, diff
 
 
-def training_info(ckpt: dict, checkpoint: Path) -> TrainingInfo:
+def training_info(ckpt: dict, cfg: TrainConfig, checkpoint: Path) -> TrainingInfo:
     """How the checkpoint was trained: its run's command, config, iterations, time and device."""
-    cfg = TrainConfig.model_validate(ckpt["config"])
     command_file = Path(checkpoint).parent / "command.txt"
     return TrainingInfo(
         command=command_file.read_text().strip() if command_file.is_file() else "",
@@ -122,6 +120,13 @@ def training_info(ckpt: dict, checkpoint: Path) -> TrainingInfo:
         seconds=round(float(ckpt["seconds"]), 1),
         device="cuda" if torch.cuda.is_available() else f"cpu ({cfg.threads} threads)",
     )
+
+
+def check_apart(eval_seeds: tuple[int, int], cfg: TrainConfig) -> None:
+    """Refuse evaluation (or tuning) phantoms that the checkpoint trained on."""
+    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
+    if overlap:
+        raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
 
 
 def data_info(cfg: TrainConfig, eval_seeds: tuple[int, int] | None) -> DataInfo:
@@ -161,7 +166,7 @@ def export(
         cfg.inference.score_threshold = score_threshold
     if flip_tta:
         cfg.inference.tta_flips = FLIPS_LR_AP
-    net_cfg, net, diff = export_network(ckpt, out)
+    net_cfg, net, diff = export_network(ckpt, cfg, out)
     name = out.name
     onnx_path, pt_path = out.with_suffix(".onnx"), out.with_suffix(".pt")
     card = ModelCard(
@@ -179,7 +184,7 @@ def export(
         network=net_cfg.to_dict(),
         anchor_shapes_voxels=anchor_shapes(net_cfg),
         inference=cfg.inference,
-        training=training_info(ckpt, checkpoint),
+        training=training_info(ckpt, cfg, checkpoint),
         data=data_info(cfg, eval_seeds),
         metrics={},
         export_max_abs_diff=diff,
@@ -191,9 +196,7 @@ def export(
         from lungnode.training.eval_run import evaluate
         from lungnode.training.eval_sets import phantom_scans
 
-        overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
-        if overlap:
-            raise ValueError(f"evaluation seeds overlap the training seeds: {sorted(overlap)[:5]}...")
+        check_apart(eval_seeds, cfg)
         # Every candidate down to the evaluation floor is kept, so one pass gives the whole sweep.
         result = evaluate(Detector(load_model(str(card_path))), phantom_scans(*eval_seeds), bootstraps=0)
         set_operating_point(card, result, max_fp_per_scan, card_path)

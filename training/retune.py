@@ -25,7 +25,7 @@ from lungnode.models.registry import ModelSpec, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig
 from lungnode.training.eval_run import evaluate
 from lungnode.training.eval_sets import phantom_scans
-from lungnode.training.export import data_info, export_network, set_operating_point, training_info
+from lungnode.training.export import check_apart, data_info, export_network, set_operating_point, training_info
 from lungnode.training.fit import TrainConfig
 from lungnode.training.rescorer_attach import choose_weight
 
@@ -49,9 +49,7 @@ def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint
     changed = [k for k in _PREPROCESSING if ours[k] != theirs[k]]
     if changed:
         raise ValueError(f"{checkpoint} prepares images differently from {source.info.name}: {', '.join(changed)}")
-    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & set(cfg.seeds())
-    if overlap:
-        raise ValueError(f"tuning seeds overlap the detector's training seeds: {sorted(overlap)[:5]}...")
+    check_apart(eval_seeds, cfg)
 
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
@@ -74,11 +72,11 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
         ckpt = torch.load(detector_checkpoint, map_location="cpu", weights_only=False)
         cfg = TrainConfig.model_validate(ckpt["config"])
         check_fine_tuned(source, cfg, ckpt, detector_checkpoint, eval_seeds)
-        _, _, diff = export_network(ckpt, out)
+        _, _, diff = export_network(ckpt, cfg, out)
         update.update({
             "onnx_sha256": sha256_file(out.with_suffix(".onnx")), "state_dict_file": out.with_suffix(".pt").name,
             "state_dict_sha256": sha256_file(out.with_suffix(".pt")), "export_max_abs_diff": diff,
-            "training": training_info(ckpt, detector_checkpoint), "data": data_info(cfg, eval_seeds),
+            "training": training_info(ckpt, cfg, detector_checkpoint), "data": data_info(cfg, eval_seeds),
         })
         changes.insert(0, f"its detector fine-tuned ({int(ckpt['iteration'])} iterations)")
     for src, dst in files.items():
