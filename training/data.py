@@ -49,8 +49,9 @@ class PhantomMix:
     """The training population: some phantoms made at the model spacing (fast), the rest at a random
     scanner-like spacing and resampled by ``prepare`` like a real series.
 
-    Defaults: training.fit.PhantomConfig. A ``focus_fraction`` of the phantoms hold the detector's hard cases instead of the usual mix (for
+    A ``focus_fraction`` of the phantoms hold the detector's hard cases instead of the usual mix (for
     instance several small nodules all beside vessels), so they are seen often enough to be learnt.
+    Defaults: training.fit.PhantomConfig.
     """
 
     model_spacing_mm: tuple[float, float, float]

@@ -107,13 +107,8 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
 
 
 def _run(args: argparse.Namespace) -> int:
-    inference = {}
-    if args.whole_image_max_voxels is not None:
-        inference["whole_image_max_voxels"] = args.whole_image_max_voxels
-    if args.sw_batch_size is not None:
-        inference["sw_batch_size"] = args.sw_batch_size
-    if args.detections_per_image is not None:
-        inference["detections_per_image"] = args.detections_per_image
+    inference = {k: getattr(args, k) for k in ("whole_image_max_voxels", "sw_batch_size", "detections_per_image")
+                 if getattr(args, k) is not None}
     if not inference and args.detector is None:
         raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size "
                          "and/or --detections-per-image")
