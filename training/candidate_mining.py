@@ -22,6 +22,7 @@ from lungnode.models.registry import load_model
 from lungnode.training import eval_sets
 from lungnode.training.data import PhantomSettings
 from lungnode.training.eval_sets import EvalScan
+from lungnode.training.synth import ATTACHMENTS
 
 KIND_CANDIDATE, KIND_REFERENCE = 0, 1
 
@@ -91,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     scans: list[EvalScan] = []
     if args.phantoms:
         settings = PhantomSettings(n_nodules=tuple(args.nodules) if args.nodules else None,
-                                   diameter_range_mm=tuple(args.diameters) if args.diameters else None)
+                                   diameter_range_mm=tuple(args.diameters) if args.diameters else None,
+                                   attachments=tuple(args.attachments) if args.attachments else None)
         scans += eval_sets.phantom_scans(*args.phantoms, settings)
     for d in args.datalist or []:
         scans += eval_sets.datalist_scans(d, args.section)
@@ -100,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     mine(args.model, scans, args.out, tuple(args.patch_size), args.margin, args.floor, args.per_scan)
     record = json.loads((args.out / "mining.json").read_text())
     record["sources"] = {"phantoms": args.phantoms, "nodules": args.nodules, "diameters_mm": args.diameters,
+                         "attachments": args.attachments,
                          "datalists": [str(d) for d in args.datalist or []]}
     (args.out / "mining.json").write_text(json.dumps(record, indent=2))
     return 0
@@ -114,6 +117,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="nodules per phantom (default: the evaluation phantoms' 1-4)")
     p.add_argument("--diameters", type=float, nargs=2, metavar=("MIN_MM", "MAX_MM"),
                    help="nodule diameters (default: the evaluation phantoms' 4-25 mm); e.g. 4 10 for more small ones")
+    p.add_argument("--attachments", nargs="+", choices=ATTACHMENTS,
+                   help="what the phantoms' nodules may touch (default: all); e.g. vascular for juxtavascular ones")
     p.add_argument("--datalist", type=Path, action="append", help="datalist JSON (repeatable), e.g. inserted scans")
     p.add_argument("--section", default="training", help="datalist section (default: training)")
     p.add_argument("--out", type=Path, required=True, help="runs/NAME")
