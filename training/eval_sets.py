@@ -85,7 +85,8 @@ def luna16_scans(series_root: Path, annotations_csv: Path, excluded_csv: Path | 
 def add_arguments(p) -> None:
     """The command-line choice of evaluation set, shared by `eval` and `promote`."""
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), help="held-out phantom seeds")
+    what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), action="append",
+                      help="held-out phantom seeds; repeat to pool several ranges into one FROC (20 phantoms are few)")
     what.add_argument("--datalist", type=Path, help="datalist JSON from `lungnode train import`")
     what.add_argument("--luna16-series", type=Path, metavar="DIR", help="DICOM series scored with the LUNA16 lists")
     p.add_argument("--section", default="validation", help="datalist section (default: validation)")
@@ -96,7 +97,10 @@ def add_arguments(p) -> None:
 def from_arguments(args) -> tuple[list[EvalScan], str]:
     """The scans and a description of the set."""
     if args.phantoms:
-        return phantom_scans(*args.phantoms), f"phantoms {args.phantoms[0]}-{args.phantoms[1]}"
+        scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last)]
+        if len({s.name for s in scans}) != len(scans):
+            raise SystemExit("--phantoms ranges overlap: give each seed once")
+        return scans, "phantoms " + ", ".join(f"{first}-{last}" for first, last in args.phantoms)
     if args.datalist:
         return datalist_scans(args.datalist, args.section), f"{args.datalist} [{args.section}]"
     if args.annotations is None:
