@@ -15,7 +15,7 @@ from scipy import ndimage
 from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
-from lungnode.inference.onnx_runtime import create_session
+from lungnode.inference.onnx_runtime import create_session, network_precision
 from lungnode.inference.rescoring import Rescorer, fuse
 from lungnode.inference.tta import fuse_views, mirror_boxes
 from lungnode.inference.types import Detection, Volume
@@ -152,6 +152,7 @@ class OnnxNetwork(nn.Module):
 
     def __init__(self, onnx_path: str, threads: int = 0, provider: str = "auto", precision: str = "auto") -> None:
         super().__init__()
+        self.path = onnx_path
         self.session = create_session(onnx_path, threads, provider, precision)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -191,8 +192,12 @@ class Detector:
         self.settings = spec.card.inference
         zoo = zoo_bundle.is_zoo_network(spec.card.network)
         self.ras = spec.card.network.get("image_axes") == "RAS"
+        self.precision = "f32"  # what the network runs in: bf16, int8 or f32
         if backend == "onnxruntime":
-            network: nn.Module = OnnxNetwork(str(spec.onnx_path), threads, provider, precision)
+            self.precision = network_precision(precision, provider, spec.int8_onnx_path is not None, spec.info.name)
+            int8 = self.precision == "int8"
+            network: nn.Module = OnnxNetwork(str(spec.int8_onnx_path if int8 else spec.onnx_path), threads, provider,
+                                             "int8" if int8 else precision)
         elif backend == "torch":
             if spec.state_dict_path is None:
                 raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for backend 'torch'")
@@ -237,12 +242,7 @@ class Detector:
 
     def candidates(self, volume: Volume, floor: float) -> "Candidates":
         """The network's candidates scoring >= ``floor`` inside the lungs, before any rescoring."""
-        lungs = self._lungs(volume)
-        region = None
-        if lungs is not None:
-            box = lung_bbox(lungs, volume, self.settings.lung_margin_mm)[::-1]  # (i, j, k)
-            region = (np.array([s.start for s in box]), np.array([s.stop for s in box]))
-        prepared = prepare(volume, self.settings, region=region, ras=self.ras)
+        lungs, prepared = self.prepare(volume)
         flips = self.settings.tta_flips or ((),)
         selector = self._detector.box_selector
         card_threshold = selector.score_thresh
@@ -264,6 +264,16 @@ class Detector:
             boxes, scores = boxes[keep], scores[keep]
             detections = [d for d, k in zip(detections, keep) if k]
         return Candidates(prepared, boxes.reshape(-1, 6), scores, detections)
+
+    def prepare(self, volume: Volume) -> tuple[np.ndarray | None, PreparedImage]:
+        """The lung mask (None when off or empty) and the network's input: the lung crop (else the
+        body) at model spacing."""
+        lungs = self._lungs(volume)
+        region = None
+        if lungs is not None:
+            box = lung_bbox(lungs, volume, self.settings.lung_margin_mm)[::-1]  # (i, j, k)
+            region = (np.array([s.start for s in box]), np.array([s.stop for s in box]))
+        return lungs, prepare(volume, self.settings, region=region, ras=self.ras)
 
     def _views(self, image: torch.Tensor, flips) -> list[dict]:
         """The detector's boxes for each mirrored view of ``image``. An image of at most the card's

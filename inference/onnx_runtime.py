@@ -8,6 +8,12 @@ built with that provider, in place of plain ``onnxruntime``): it takes Intel and
 alike, where the newer ``onnxruntime-ep-openvino`` plugin offers none but Intel's. ``auto`` takes a
 CUDA GPU when ``onnxruntime-gpu`` sees one, else OpenVINO when this ONNX Runtime has it, else the
 plain CPU provider, so the same model file runs everywhere.
+
+A model card may also carry an 8-bit copy of the network (``lungnode train quantize``, checked to
+find what the float32 network finds). It is taken only when asked for (``int8``): on the AVX2-only
+EPYC it was measured on, OpenVINO ran it 1.6x faster than float32 while the machine's memory was
+contended and no faster otherwise, so whether it pays is the site's call (``make bench`` shows both).
+ONNX Runtime's own CPU provider runs it slower than float32, so it runs on OpenVINO only.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Literal, get_args
 log = logging.getLogger(__name__)
 
 Provider = Literal["auto", "cuda", "openvino", "cpu"]
-Precision = Literal["auto", "f32"]
+Precision = Literal["auto", "f32", "int8"]
 PROVIDERS: tuple[str, ...] = get_args(Provider)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -68,13 +74,32 @@ def resolve_provider(provider: str) -> str:
 
 
 def openvino_precision(precision: str) -> str:
-    """OpenVINO's inference precision for our ``precision`` setting on this CPU."""
+    """OpenVINO's inference precision for our ``precision`` setting on this CPU (an int8 network's
+    float parts run in float32)."""
     return "bf16" if precision == "auto" and cpu_has_bf16() else "f32"
+
+
+def network_precision(precision: str, provider: str, has_int8: bool, model: str = "this model") -> str:
+    """What the detector network runs in on this machine: 'bf16', 'int8' or 'f32'. ``auto`` takes
+    bfloat16 where OpenVINO runs on a CPU that has it, else float32; ``int8`` the card's 8-bit network."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown ONNX precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    chosen = resolve_provider(provider)
+    if precision == "int8":
+        if not has_int8:
+            raise RuntimeError(f"ONNX precision int8 asked for but {model} has no 8-bit network: make one with "
+                               f"`lungnode train quantize --model {model}`, or set onnx_precision to auto")
+        if chosen != "openvino":
+            raise RuntimeError(f"ONNX precision int8 runs on OpenVINO only (provider {chosen} runs 8-bit 3D convolutions "
+                               "slower than float32): set onnx_provider to openvino or auto, or onnx_precision to auto")
+        return "int8"
+    return "bf16" if chosen == "openvino" and precision == "auto" and cpu_has_bf16() else "f32"
 
 
 def create_session(onnx_path: str, threads: int = 0, provider: str = "auto", precision: str = "auto"):
     """An ``InferenceSession`` on the chosen provider. ``precision='f32'`` keeps OpenVINO from
-    running in bfloat16 on CPUs that have it (the CPU and CUDA providers run the file's float32)."""
+    running in bfloat16 on CPUs that have it (the CPU and CUDA providers run the file's float32);
+    'int8' says the file is an 8-bit network, whose float parts OpenVINO runs in float32."""
     import onnxruntime as ort
 
     if precision not in PRECISIONS:
@@ -91,5 +116,5 @@ def create_session(onnx_path: str, threads: int = 0, provider: str = "auto", pre
         options = [{"device_type": "CPU", "load_config": json.dumps({"CPU": cpu})}, {}]
     session = ort.InferenceSession(onnx_path, sess_options=opts, providers=_EPS[chosen], provider_options=options)
     log.info("ONNX Runtime session for %s on %s (%s)", onnx_path, session.get_providers()[0],
-             openvino_precision(precision) if chosen == "openvino" else "f32")
+             precision if precision == "int8" else openvino_precision(precision) if chosen == "openvino" else "f32")
     return session

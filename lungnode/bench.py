@@ -103,14 +103,18 @@ class DetectRun:
 
 
 def detect_runs() -> list[DetectRun]:
-    """What `make bench` compares: the node's default (auto), ONNX Runtime's CPU provider, PyTorch."""
-    from lungnode.inference.onnx_runtime import cpu_has_bf16, openvino_precision, resolve_provider
+    """What `make bench` compares: the node's default (auto), OpenVINO in float32 and on the model's
+    8-bit network, ONNX Runtime's CPU provider, PyTorch."""
+    from lungnode.inference.onnx_runtime import cpu_has_bf16, network_precision, resolve_provider
+    from lungnode.models.registry import load_model
 
     default = resolve_provider("auto")
-    precision = f" {openvino_precision('auto')}" if default == "openvino" else ""
-    runs = [DetectRun(f"ONNX Runtime, {default}{precision} (node default)", "onnxruntime", default)]
+    has_int8 = load_model("default").int8_onnx_path is not None
+    precision = network_precision("auto", default, has_int8)
+    runs = [DetectRun(f"ONNX Runtime, {default} {precision} (node default)", "onnxruntime", default)]
     if default == "openvino":
-        runs.append(DetectRun("ONNX Runtime, openvino f32", "onnxruntime", "openvino", "f32"))
+        runs += [DetectRun(f"ONNX Runtime, openvino {p}", "onnxruntime", "openvino", p)
+                 for p in ("f32", "int8") if p != precision and (p == "f32" or has_int8)]
     if default != "cpu":
         runs.append(DetectRun("ONNX Runtime, cpu provider", "onnxruntime", "cpu"))
     # PyTorch's own bfloat16 (autocast) too, so the comparison at equal precision is in the table; not on
@@ -202,10 +206,10 @@ def print_detect(results: list[tuple[DetectRun, dict]], source: str, n_slices: i
           f"network calls a study), {threads} CPU threads, whole pipeline from DICOM files")
     torch_s = results[-1][1]["detect_s"]
     torch_net = results[-1][1]["network_s"]
-    print(f"{'backend':<40}{'load s':>7}{'1st detect':>11}{'total s':>8}{'detect s':>9}{'network s':>10}"
+    print(f"{'backend':<44}{'load s':>7}{'1st detect':>11}{'total s':>8}{'detect s':>9}{'network s':>10}"
           f"{'peak GiB':>9}{'findings':>9}{'vs PyTorch: detect':>20}{'network':>9}")
     for run, r in results:
-        print(f"{run.label:<40}{r['load_s']:>7.1f}{r['first_s']:>11.1f}{r['total_s']:>8.1f}{r['detect_s']:>9.1f}"
+        print(f"{run.label:<44}{r['load_s']:>7.1f}{r['first_s']:>11.1f}{r['total_s']:>8.1f}{r['detect_s']:>9.1f}"
               f"{r['network_s']:>10.1f}{r['peak_rss_gib']:>9.2f}{r['detections']:>9}{torch_s / r['detect_s']:>19.2f}x"
               f"{torch_net / r['network_s']:>8.2f}x")
     for run, r in results:
@@ -218,10 +222,17 @@ def print_detect(results: list[tuple[DetectRun, dict]], source: str, n_slices: i
           f"detect = the next study's detection, the node's steady state: lung mask + preparation + network calls\n"
           f"(the whole lung crop or sliding windows, as the model card says) + boxes + second stage; network = those\n"
           f"calls alone. Ratios are on the steady state.\n"
-          f"The node's ONNX Runtime ({results[0][0].provider}) against PyTorch eager f32: network "
+          f"The node's {results[0][0].label.removesuffix(' (node default)')} against PyTorch eager f32: network "
           f"{_faster(torch_net / first['network_s'])}, detect stage {_faster(torch_s / first['detect_s'])}; "
           f"{against_bf16}.\n"
           "Targets: <= 60 s per study, ONNX Runtime >= 2x PyTorch eager, <= 4 GiB")
+    if any(run.precision == "int8" or "int8" in run.label for run, _ in results):
+        from lungnode.models.registry import load_model
+
+        check = load_model("default").card.int8.check
+        print("int8 = the model card's 8-bit network (lungnode train quantize), checked against float32 on phantoms "
+              f"{check.get('phantoms')}: CPM {check.get('cpm_int8')} against {check.get('cpm_f32')}, nodules found "
+              f"{check.get('found_int8')} against {check.get('found_f32')}")
 
 
 def _faster(ratio: float) -> str:

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     model: str = "default"
     backend: str = "onnxruntime"  # or "torch" (the PyTorch state dict; for comparison)
     onnx_provider: Provider = "auto"  # auto: CUDA, else OpenVINO, else ONNX Runtime's CPU provider
-    onnx_precision: Precision = "auto"  # f32: no bfloat16 on CPUs that have it
+    onnx_precision: Precision = "auto"  # auto: bf16 where native; f32: never; int8: the card's 8-bit network
     torch_device: Literal["auto", "cpu", "cuda"] = "auto"  # backend torch: auto takes a CUDA GPU when PyTorch sees one
     threads: int = 0  # 0 = all cores
     # Delivery of results.

@@ -1,7 +1,8 @@
 """Shipped detection models: find a model card, check its ONNX file's sha256, hand back a ModelSpec.
 
 A model is ``models/<name>.json`` (the card), ``models/<name>.onnx`` and optionally
-``models/<name>.pt`` (the same weights as a PyTorch state dict, for the torch comparison backend).
+``models/<name>.pt`` (the same weights as a PyTorch state dict, for the torch comparison backend),
+a second stage's files and an 8-bit copy of the network (``models/<name>-int8.onnx``).
 """
 from __future__ import annotations
 
@@ -91,6 +92,17 @@ class SecondStage(BaseModel):
     metrics: dict[str, float | int | str] = {}
 
 
+class Int8Network(BaseModel):
+    """An 8-bit copy of the detector network (`lungnode train quantize`): static QDQ quantisation of
+    its convolutions, calibrated on training phantoms and checked on tuning phantoms to find what the
+    float32 network finds. OpenVINO runs it when the site asks (onnx_precision: int8)."""
+
+    onnx_file: str
+    onnx_sha256: str
+    calibration: str  # the images its activation ranges were measured on
+    check: dict[str, float | int | str]  # float32 against int8 on the check phantoms
+
+
 class ModelCard(BaseModel):
     """The JSON model card written by `lungnode train export`."""
 
@@ -112,6 +124,7 @@ class ModelCard(BaseModel):
     metrics: dict[str, float | int | str]
     export_max_abs_diff: float
     second_stage: SecondStage | None = None
+    int8: Int8Network | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class ModelSpec:
     state_dict_path: Path | None = None
     second_stage_path: Path | None = None  # the classifier's ONNX file, when the card has one
     second_stage_state_dict_path: Path | None = None
+    int8_onnx_path: Path | None = None  # the card's 8-bit network, when it has one
 
 
 def sha256_file(path: Path) -> str:
@@ -172,6 +186,9 @@ def load_model(name_or_path: str = "default") -> ModelSpec:
     second_path = _verified(card_path, stage.onnx_file, stage.onnx_sha256) if stage else None
     if stage and second_path is None:
         raise ModelNotFoundError(f"second-stage ONNX file {card_path.parent / stage.onnx_file} named by {card_path} is missing")
+    int8_path = _verified(card_path, card.int8.onnx_file, card.int8.onnx_sha256) if card.int8 else None
+    if card.int8 and int8_path is None:
+        raise ModelNotFoundError(f"8-bit ONNX file {card_path.parent / card.int8.onnx_file} named by {card_path} is missing")
     return ModelSpec(
         info=ModelInfo(name=card.name, version=card.version, sha256=card.onnx_sha256),
         onnx_path=onnx_path,
@@ -179,6 +196,7 @@ def load_model(name_or_path: str = "default") -> ModelSpec:
         state_dict_path=_verified(card_path, card.state_dict_file, card.state_dict_sha256),
         second_stage_path=second_path,
         second_stage_state_dict_path=_verified(card_path, stage.state_dict_file, stage.state_dict_sha256) if stage else None,
+        int8_onnx_path=int8_path,
     )
 
 

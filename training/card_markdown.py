@@ -26,7 +26,7 @@ def card_markdown(card: ModelCard) -> str:
 - Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
 - Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
 - Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
-{second_stage(card)}
+{second_stage(card)}{int8_network(card)}
 ## Held-out phantoms (seeds {card.data.eval_seeds})
 
 A nodule is found when a detection's centre lies within its radius; detections elsewhere are false positives.
@@ -42,13 +42,23 @@ def second_stage(card: ModelCard) -> str:
     st = card.second_stage
     if st is None:
         return ""
-    metrics = ", ".join(f"{k} {v}" for k, v in st.metrics.items())
     return (f"- Second stage (false-positive reduction, inference/rescoring.py): a 3D CNN candidate classifier, "
             f"{st.parameters:,} parameters, channels {st.channels}, on a {list(st.patch_size)}-voxel patch centred on "
             f"each candidate the detector scores >= {st.min_detector_score} (`{st.onnx_file}`, sha256 `{st.onnx_sha256}`, "
             f"PyTorch state dict `{st.state_dict_file}`); reported score = detector^{1 - st.weight:g} x classifier^{st.weight:g}\n"
             f"- Second-stage training: `{st.training.command}` on {st.data}; {st.training.iterations} iterations in "
-            f"{st.training.seconds / 60:.0f} min on {st.training.device}; {metrics}\n")
+            f"{st.training.seconds / 60:.0f} min on {st.training.device}; {_pairs(st.metrics)}\n")
+
+
+def int8_network(card: ModelCard) -> str:
+    q = card.int8
+    return "" if q is None else (
+        f"- 8-bit network (`lungnode train quantize`; OpenVINO runs it with onnx_precision int8): "
+        f"`{q.onnx_file}`, sha256 `{q.onnx_sha256}`; calibrated on {q.calibration}; check against float32: {_pairs(q.check)}\n")
+
+
+def _pairs(figures: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in figures.items())
 
 
 LIMITS = """## Limits

@@ -199,7 +199,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx-provider", default="auto", choices=PROVIDERS,
                    help="ONNX Runtime execution provider (auto: CUDA, else OpenVINO, else CPU)")
     p.add_argument("--onnx-precision", default="auto", choices=PRECISIONS,
-                   help="f32 keeps OpenVINO from running in bfloat16 on CPUs that have it")
+                   help="f32: the float32 network, no bfloat16 even where the CPU has it; int8: the card's 8-bit "
+                        "network (train quantize); auto: what the node would run")
     p.add_argument("--bootstraps", type=int, default=1000)
     p.add_argument("--update-card", action="store_true", help="write the metrics into the model card")
     p.set_defaults(func=_run)

@@ -125,7 +125,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
         "name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "description": first.card.description + f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)",
         "onnx_file": onnx_path.name, "state_dict_file": pt_path.name if first.state_dict_path else None,
-        "second_stage": stage, "metrics": {},
+        "second_stage": stage, "metrics": {}, "int8": None,  # a new model: its 8-bit copy is checked anew
     })
     card_path = out.with_suffix(".json")
     card_path.write_text(card.model_dump_json(indent=2))

@@ -63,7 +63,8 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     files = {source.second_stage_path: out.with_name(name + "-rescorer.onnx"),
              source.second_stage_state_dict_path: out.with_name(name + "-rescorer.pt")}
     update = {"name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "onnx_file": out.with_suffix(".onnx").name, "metrics": {}}
+              "onnx_file": out.with_suffix(".onnx").name, "metrics": {},
+              "int8": None}  # a new model: its 8-bit copy is made and checked anew (train quantize)
     changes = [f"{k} {v}" for k, v in inference.items()]
     if detector_checkpoint is None:
         files.update({source.onnx_path: out.with_suffix(".onnx"), source.state_dict_path: out.with_suffix(".pt")})
