@@ -1,9 +1,9 @@
 """`lungnode train quantize`: an 8-bit copy of a model's detector network, for CPUs without native bfloat16.
 
-On such CPUs (AVX2 only) OpenVINO runs the network in float32; its 8-bit convolutions move a quarter of
-the bytes, which paid (1.6x) on an AVX2-only EPYC whose memory was contended and not otherwise, so the
-node runs the copy only when asked (``onnx_precision: int8``). The copy is ONNX Runtime's static QDQ quantisation of the
-convolutions (weights signed and per channel, activations unsigned), with activation ranges measured on
+On such CPUs OpenVINO runs the network in float32. Whether 8-bit convolutions pay depends on the
+processor (on the AVX2-only EPYC v11's copy was made on, without VNNI, they did not), so the node runs
+the copy only when asked (``onnx_precision: int8``) and `make bench` shows both. The copy is ONNX
+Runtime's static QDQ quantisation of the convolutions (weights signed and per channel, activations unsigned), with activation ranges measured on
 crops of training phantoms' lung crops, prepared as the node prepares a study. Quantisation moves the
 scores, so the copy is checked before it is kept: the float32 and 8-bit networks are run on the same
 check phantoms, and a copy whose CPM falls more than ``--max-cpm-drop`` below float32's, or that finds
