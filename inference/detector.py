@@ -213,8 +213,8 @@ class Detector:
                     build_detector(NetConfig.from_dict(spec.card.network), network))
         self._detector = configure_for_inference(detector, self.settings)
         # The second stage has no 8-bit copy: it runs its float32 file.
-        self.rescorer = self._rescorer(spec, backend, threads, provider, "f32" if self.precision == "int8" else precision,
-                                       self.device)
+        rescorer_precision = "f32" if self.precision == "int8" else precision
+        self.rescorer = self._rescorer(spec, backend, threads, provider, rescorer_precision, self.device)
 
     @staticmethod
     def _rescorer(spec: ModelSpec, backend: str, threads: int, provider: str, precision: str,

@@ -12,9 +12,9 @@ plain CPU provider, so the same model file runs everywhere.
 A model card may also carry an 8-bit copy of the network (``lungnode train quantize``, checked to
 find what the float32 network finds). It is taken only when asked for (``int8``): on the AVX2-only
 EPYC it was measured on, OpenVINO ran it no faster than float32 (2.3x faster on a Xeon with VNNI and
-AMX, where bfloat16 is faster still), so whether it pays is the site's
-call (``make bench`` shows both). ONNX Runtime's own CPU provider runs it slower than float32 (10-11 s
-a view against 7.8 there), so it runs on OpenVINO only.
+AMX, where bfloat16 is faster still), so whether it pays is the site's call (``make bench`` shows
+both). ONNX Runtime's own CPU provider runs it slower than float32 (10-11 s a view against 7.8
+there), so it runs on OpenVINO only.
 """
 from __future__ import annotations
 

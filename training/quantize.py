@@ -1,15 +1,16 @@
 """`lungnode train quantize`: an 8-bit copy of a model's detector network, for CPUs without native bfloat16.
 
 On such CPUs OpenVINO runs the network in float32. Whether 8-bit convolutions pay depends on the
-processor (on the AVX2-only EPYC v11's copy was made on, without VNNI, they did not; on a Xeon with VNNI and
-AMX the network ran 2.3x faster than in float32), so the node runs
-the copy only when asked (``onnx_precision: int8``) and `make bench` shows both. The copy is ONNX
-Runtime's static QDQ quantisation of the convolutions (weights signed and per channel, activations unsigned), with activation ranges measured on
-crops of training phantoms' lung crops, prepared as the node prepares a study. Quantisation moves the
-scores, so the copy is checked before it is kept: the float32 and 8-bit networks are run on the same
-check phantoms, and a copy whose CPM falls more than ``--max-cpm-drop`` below float32's, or that finds
-fewer nodules at the card's threshold, is refused (no file written, card unchanged). A kept copy goes
-beside the model as NAME-int8.onnx and into its card.
+processor (on the AVX2-only EPYC v11's copy was made on, without VNNI, they did not; on a Xeon with
+VNNI and AMX the network ran 2.3x faster than in float32), so the node runs the copy only when asked
+(``onnx_precision: int8``) and `make bench` shows both. The copy is ONNX Runtime's static QDQ
+quantisation of the convolutions (weights signed and per channel, activations unsigned), with
+activation ranges measured on crops of training phantoms' lung crops, prepared as the node prepares
+a study. Quantisation moves the scores, so the copy is checked before it is kept: the float32 and
+8-bit networks are run on the same check phantoms, and a copy whose CPM falls more than
+``--max-cpm-drop`` below float32's, or that finds fewer nodules at the card's threshold, is refused
+(no file written, card unchanged). A kept copy goes beside the model as NAME-int8.onnx and into its
+card.
 """
 from __future__ import annotations
 
