@@ -10,10 +10,20 @@ The training patches were mirrored along every axis, so the mirrored views are i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import combinations
 
 import numpy as np
 
 FLIPS_LR_AP = ((), (0,), (1,), (0, 1))  # model axes i (left-right) and j (front-back)
+
+
+def mirror_views(axes: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Every combination of mirrors along ``axes`` (model axes: 0 left-right, 1 front-back, 2
+    head-foot), the image as given first: (0, 1) gives FLIPS_LR_AP's four views, (0, 1, 2) eight."""
+    axes = sorted(set(int(a) for a in axes))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"mirror axes must be among 0, 1, 2 (left-right, front-back, head-foot), not {axes}")
+    return tuple(c for n in range(len(axes) + 1) for c in combinations(axes, n))
 
 
 def mirror_boxes(boxes: np.ndarray, axes: Sequence[int], shape: Sequence[int]) -> np.ndarray:

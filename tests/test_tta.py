@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungnode.inference.tta import fuse_views, mirror_boxes
+import pytest
+
+from lungnode.inference.tta import FLIPS_LR_AP, fuse_views, mirror_boxes, mirror_views
 
 
 def test_a_box_found_in_a_mirrored_image_lands_on_the_original_object():
@@ -26,6 +28,15 @@ def test_views_agreeing_keep_their_score_a_lone_view_loses_most_of_it():
     assert np.allclose(scores, [0.8, 0.4])  # (0.9 + 0.7) / 2; the nested 0.3 box of view 0 adds nothing
     assert np.allclose(boxes[0], (0.9 * np.array(nodule) + 0.7 * np.array([11, 11, 10, 21, 21, 20])) / 1.6)
     assert np.array_equal(boxes[1], [50, 50, 50, 56, 56, 56])
+
+
+def test_mirror_views_are_every_combination_of_the_axes_the_image_as_given_first():
+    assert mirror_views((1, 0)) == FLIPS_LR_AP
+    eight = mirror_views((0, 1, 2))
+    assert len(eight) == len(set(eight)) == 8 and eight[0] == () and (0, 1, 2) in eight
+    assert mirror_views(()) == ((),)
+    with pytest.raises(ValueError, match="among 0, 1, 2"):
+        mirror_views((3,))
 
 
 def test_no_candidates_in_any_view():

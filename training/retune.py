@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lungnode.inference.detector import Detector
+from lungnode.inference.tta import mirror_views
 from lungnode.models.registry import ModelSpec, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig
 from lungnode.training.eval_run import evaluate
@@ -65,7 +66,7 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     update = {"name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "onnx_file": out.with_suffix(".onnx").name, "metrics": {},
               "int8": None}  # a new model: its 8-bit copy is made and checked anew (train quantize)
-    changes = [f"{k} {v}" for k, v in inference.items()]
+    changes = [f"{len(v)} mirrored views" if k == "tta_flips" else f"{k} {v}" for k, v in inference.items()]
     if detector_checkpoint is None:
         files.update({source.onnx_path: out.with_suffix(".onnx"), source.state_dict_path: out.with_suffix(".pt")})
         update["state_dict_file"] = out.with_suffix(".pt").name if source.state_dict_path else None
@@ -110,9 +111,11 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
 def _run(args: argparse.Namespace) -> int:
     inference = {k: getattr(args, k) for k in ("whole_image_max_voxels", "sw_batch_size", "detections_per_image")
                  if getattr(args, k) is not None}
+    if args.tta_axes is not None:
+        inference["tta_flips"] = mirror_views(int(a) for a in args.tta_axes)
     if not inference and args.detector is None:
-        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size "
-                         "and/or --detections-per-image")
+        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size, "
+                         "--detections-per-image and/or --tta-axes")
     retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector)
     return 0
 
@@ -131,6 +134,9 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--sw-batch-size", type=int, help="windows (or, whole, mirrored views) per network call")
     p.add_argument("--detections-per-image", type=int,
                    help="candidates the network keeps per view before the views are fused and rescored")
+    p.add_argument("--tta-axes", choices=("", "0", "1", "2", "01", "02", "12", "012"), metavar="AXES",
+                   help="test-time mirror views: every combination of mirrors along these model axes (0 left-right, "
+                        "1 front-back, 2 head-foot; '01' is the four views models ship with, '012' eight, '' one)")
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900040, 900049), metavar=("FIRST", "LAST"),
                    help="tuning phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
