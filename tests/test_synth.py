@@ -193,9 +193,9 @@ def test_dicom_dataset_has_one_series_per_phantom(tmp_path):
 def test_vessel_branches_taper_to_a_point_inside_the_lung():
     """A branch that stops at full width (pleura ahead, or the tube cap) would be a round bright cap,
     a nodule look-alike; every such end must thin out to a tip inside the lung instead."""
-    from lungnode.training.synth import _Grid, _grow_trees
+    from lungnode.training.synth import Grid, _grow_trees
 
-    grid = _Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
+    grid = Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
     z, y, x = grid.box_coords(tuple(slice(0, n) for n in grid.shape))
     lung = (x**2 + y**2 + z**2) < 65.0**2
     roots = [(np.zeros(3), np.array(d, float), 4.0) for d in np.vstack([np.eye(3), -np.eye(3)])]
@@ -213,9 +213,9 @@ def test_vessel_branches_taper_to_a_point_inside_the_lung():
 def test_airway_branches_all_end_in_cones():
     """Airways stop at a 2 mm lumen; a bronchus that ended there open and round was a hollow ring with
     a wall, the early models' commonest false positive. With taper_from=0 every end is a cone."""
-    from lungnode.training.synth import _Grid, _grow_trees
+    from lungnode.training.synth import Grid, _grow_trees
 
-    grid = _Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
+    grid = Grid((90, 90, 90), (1.5, 1.5, 1.5), (-67.5, -67.5, -67.5))
     z, y, x = grid.box_coords(tuple(slice(0, n) for n in grid.shape))
     lung = (x**2 + y**2 + z**2) < 65.0**2
     roots = [(np.zeros(3), np.array(d, float), 6.0) for d in np.vstack([np.eye(3), -np.eye(3)])]

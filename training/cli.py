@@ -7,10 +7,10 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="make data, train, evaluate and export detection models")
     tsub = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
-    from lungnode.training import (candidate_mining, eval_run, export, fit, promote, quantize, rescorer_attach,
-                                   rescorer_fit, retune, synth)
+    from lungnode.training import (candidate_mining, eval_run, export, fit, lidc_shapes, promote, quantize,
+                                   rescorer_attach, rescorer_fit, retune, synth)
     from lungnode.training.importers import command as importers
 
-    for module in (importers, synth, fit, candidate_mining, rescorer_fit, eval_run, export, rescorer_attach, retune,
+    for module in (importers, synth, lidc_shapes, fit, candidate_mining, rescorer_fit, eval_run, export, rescorer_attach, retune,
                    quantize, promote):
         module.add_command(tsub)

@@ -37,11 +37,21 @@ class PhantomSettings:
     n_nodules: tuple[int, int] | None = None
     diameter_range_mm: tuple[float, float] | None = None
     attachments: tuple[str, ...] | None = None
+    # Real nodule outlines (lidc_shapes): the library file, which patients' outlines, and how often.
+    nodule_shapes: str | None = None
+    shape_split: str = "train"
+    real_shape_fraction: float = 1.0
 
     def make_phantom_kwargs(self) -> dict:
         names = {"spacing_mm": "spacing", "field_of_view_mm": "field_of_view_mm", "n_nodules": "n_nodules",
                  "diameter_range_mm": "diameter_range_mm", "attachments": "attachments"}
-        return {arg: getattr(self, f) for f, arg in names.items() if getattr(self, f) is not None}
+        kwargs = {arg: getattr(self, f) for f, arg in names.items() if getattr(self, f) is not None}
+        if self.nodule_shapes is not None and self.real_shape_fraction > 0:
+            from lungnode.training.lidc_shapes import load_library
+
+            library = load_library(self.nodule_shapes).subset(self.shape_split)
+            kwargs["nodule_model"] = library.field_model(self.real_shape_fraction)
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,8 @@ class PhantomMix:
     focus_n_nodules: tuple[int, int]
     focus_diameter_range_mm: tuple[float, float]
     focus_attachments: tuple[str, ...]
+    nodule_shapes: str | None = None  # a lidc_shapes library: real outlines for real_shape_fraction of the nodules
+    real_shape_fraction: float = 0.0
 
     def for_seed(self, seed: int) -> PhantomSettings:
         rng = np.random.default_rng([seed, 0x5EED])
@@ -74,12 +86,13 @@ class PhantomMix:
             inplane = float(np.round(rng.uniform(*self.native_inplane_mm), 3))
             spacing = (inplane, inplane, float(np.round(rng.uniform(*self.native_slice_mm), 2)))
         fov = float(np.round(rng.uniform(*self.field_of_view_mm)))
+        shapes = {"nodule_shapes": self.nodule_shapes, "real_shape_fraction": self.real_shape_fraction}
         if self.focus_fraction > 0 and rng.random() < self.focus_fraction:
             return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.focus_n_nodules,
                                    diameter_range_mm=self.focus_diameter_range_mm,
-                                   attachments=self.focus_attachments)
+                                   attachments=self.focus_attachments, **shapes)
         return PhantomSettings(spacing_mm=spacing, field_of_view_mm=fov, n_nodules=self.n_nodules,
-                               diameter_range_mm=self.diameter_range_mm)
+                               diameter_range_mm=self.diameter_range_mm, **shapes)
 
 
 def phantom_volume(seed: int, ps: PhantomSettings):
@@ -178,7 +191,10 @@ def build_cache(cache_root: Path, seeds: list[int], mix: PhantomMix, inf: Infere
     The cache folder is keyed by the phantom and preprocessing settings and the generator's version,
     so changing any of them never reuses stale images.
     """
-    key = hashlib.sha1(json.dumps([asdict(mix), _preprocessing(inf), GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()
+    what = [asdict(mix), _preprocessing(inf), GENERATOR_VERSION]
+    if mix.nodule_shapes is not None:  # the library's content, not just its path
+        what.append(hashlib.sha256(Path(mix.nodule_shapes).read_bytes()).hexdigest())
+    key = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
     cache_dir = cache_root / key[:12]
     cache_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cache_dir, seed, mix.for_seed(seed), inf) for seed in seeds]

@@ -14,6 +14,7 @@ from lungnode.inference.types import Volume
 from lungnode.inference.volume import load_any
 from lungnode.training.froc import Annotation, load_luna16_csv
 from lungnode.training.importers.datalist import image_path
+from lungnode.training.synth import add_shape_arguments
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,15 @@ def phantom_scans(first_seed: int, last_seed: int, settings=None) -> list[EvalSc
     from lungnode.training.data import PhantomSettings, phantom_volume
 
     settings = settings or PhantomSettings()
+    suffix = "-outlines" if settings.nodule_shapes else ""  # real outlines: another image for the same seed
 
     def load(seed: int) -> LoadedScan:
         volume, ph = phantom_volume(seed, settings)
-        uid = f"phantom-{seed}"
+        uid = f"phantom-{seed}{suffix}"
         return LoadedScan(volume, [Annotation(uid, n.center_mm, n.diameter_mm) for n in ph.nodules], [])
 
-    return [EvalScan(f"phantom-{s}", f"phantom-{s}", lambda s=s: load(s)) for s in range(first_seed, last_seed + 1)]
+    return [EvalScan(f"phantom-{s}{suffix}", f"phantom-{s}{suffix}", lambda s=s: load(s))
+            for s in range(first_seed, last_seed + 1)]
 
 
 def datalist_scans(path: Path, section: str) -> list[EvalScan]:
@@ -92,12 +95,19 @@ def add_arguments(p) -> None:
     p.add_argument("--section", default="validation", help="datalist section (default: validation)")
     p.add_argument("--annotations", type=Path, help="LUNA16 annotations.csv (with --luna16-series)")
     p.add_argument("--excluded", type=Path, help="LUNA16 annotations_excluded.csv: don't-care findings")
+    add_shape_arguments(p, default_split="eval")
 
 
 def from_arguments(args) -> tuple[list[EvalScan], str]:
     """The scans and a description of the set."""
     if args.phantoms:
-        scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last)]
+        settings = None
+        if args.nodule_shapes:
+            from lungnode.training.data import PhantomSettings
+
+            settings = PhantomSettings(nodule_shapes=str(args.nodule_shapes), shape_split=args.shape_split,
+                                       real_shape_fraction=args.real_shape_fraction)
+        scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last, settings)]
         if len({s.name for s in scans}) != len(scans):
             raise SystemExit("--phantoms ranges overlap: give each seed once")
         return scans, "phantoms " + ", ".join(f"{first}-{last}" for first, last in args.phantoms)

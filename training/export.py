@@ -135,6 +135,11 @@ def data_info(cfg: TrainConfig, eval_seeds: tuple[int, int] | None) -> DataInfo:
     focus = (f"; {ph.focus_fraction:.0%} of them instead {ph.focus_n_nodules[0]}-{ph.focus_n_nodules[1]} nodules of "
              f"{ph.focus_diameter_range_mm[0]}-{ph.focus_diameter_range_mm[1]} mm, {'/'.join(ph.focus_attachments)} only"
              if ph.focus_fraction > 0 else "")
+    if ph.nodule_shapes and ph.real_shape_fraction > 0:
+        digest = sha256_file(Path(ph.nodule_shapes))[:16] if Path(ph.nodule_shapes).is_file() else "missing"
+        focus += (f"; {ph.real_shape_fraction:.0%} of the nodules drawn with real outlines of LIDC-IDRI readers "
+                  f"(`train shapes`, training split of patients, LIDC-IDRI-0001/0002 left out; {ph.nodule_shapes}, "
+                  f"sha256 {digest}...)")
     return DataInfo(
         description="synthetic chest CT phantoms from lungnode.training.synth.make_phantom "
         f"(generator {GENERATOR_VERSION}); training: "

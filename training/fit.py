@@ -47,6 +47,8 @@ class PhantomConfig(BaseModel):
     focus_n_nodules: tuple[int, int] = (2, 6)
     focus_diameter_range_mm: tuple[float, float] = (4.0, 10.0)
     focus_attachments: tuple[Literal["none", "pleural", "vascular"], ...] = ("vascular",)
+    nodule_shapes: str | None = None  # `lungnode train shapes` library: real LIDC outlines (training split)
+    real_shape_fraction: float = 0.0  # share of the nodules drawn with one
 
 
 class DatalistSource(BaseModel):

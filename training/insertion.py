@@ -1,8 +1,8 @@
 """Simulated nodules inserted into real chest CT, so the few real scans a site has teach real anatomy.
 
 Places are drawn inside the lung mask, clear of labelled nodules, free in the parenchyma, against the
-pleura or touching a vessel. The nodule has the phantoms' shape model (``synth.nodule_field``) on the
-scan's own grid. It is blended by the air it displaces: each air-containing voxel (HU < 0) is scaled
+pleura or touching a vessel. The nodule has the phantoms' shape model (``synth.nodule_field``), or a
+LIDC reader's real outline (``lidc_shapes``), on the scan's own grid. It is blended by the air it displaces: each air-containing voxel (HU < 0) is scaled
 toward the nodule's density, so ground glass raises the parenchyma while vessels, chest wall and bone
 keep their values; the noise that scaling removes is put back with the level and grain measured in
 the nearby parenchyma. The slice profile (FWHM one slice) blurs the nodule along the slice axis.
@@ -27,6 +27,7 @@ from lungnode.inference.types import Volume
 from lungnode.training.synth import (
     ATTACHMENTS,
     KINDS,
+    NoduleModel,
     NoduleSpec,
     add_nodules,
     nodule_field,
@@ -51,18 +52,20 @@ def insert_nodules(
     attachments: Sequence[str] = ATTACHMENTS,
     avoid: Sequence[tuple[Sequence[float], float]] = (),
     lungs: np.ndarray | None = None,
+    nodule_model: NoduleModel | None = None,
 ) -> tuple[np.ndarray, list[NoduleSpec]]:
     """A copy of ``volume.hu`` with n (inclusive range) simulated nodules, and their ground truth.
 
     ``avoid`` holds (LPS centre mm, radius mm) of nodules already in the scan: new ones keep 4 mm
     clear of them. ``lungs`` is ``lung_mask(volume)`` when the caller has it. Sizes, kinds and
-    attachments are drawn as for the phantoms (``synth.add_nodules``).
+    attachments are drawn as for the phantoms (``synth.add_nodules``); ``nodule_model`` draws each
+    nodule in place of ``synth.nodule_field`` (real outlines: lidc_shapes).
     """
     unknown = (set(kinds) - set(KINDS)) | (set(attachments) - set(ATTACHMENTS))
     if unknown:
         raise ValueError(f"unknown nodule kind/attachment: {sorted(unknown)}")
     rng = np.random.default_rng(rng_or_seed)
-    scene = _Scene(volume, lung_mask(volume) if lungs is None else lungs)
+    scene = _Scene(volume, lung_mask(volume) if lungs is None else lungs, nodule_model or nodule_field)
     specs = add_nodules(
         rng, n, diameter_range_mm, list(kinds), list(attachments),
         place=lambda r, attachment, taken: scene.place(rng, r, attachment, taken),
@@ -108,7 +111,7 @@ def _lag_correlation(a: np.ndarray, ok: np.ndarray, axis: int) -> float:
 class _Scene:
     """The volume being edited, its lung mask and lookups in grid mm."""
 
-    def __init__(self, volume: Volume, lungs: np.ndarray):
+    def __init__(self, volume: Volume, lungs: np.ndarray, model: NoduleModel):
         self.hu = np.array(volume.hu, dtype=np.float32)  # a copy: the caller's volume is not touched
         self.lungs = lungs
         self.spacing = np.asarray(volume.spacing, float)  # (i, j, k)
@@ -118,6 +121,7 @@ class _Scene:
         self.lo = np.array([box[2].start, box[1].start, box[0].start]) * self.spacing
         self.hi = np.array([box[2].stop - 1, box[1].stop - 1, box[0].stop - 1]) * self.spacing
         self.edge = 0.8 * min(self.spacing[:2]) + 0.3  # partial-volume edge, as in the phantoms
+        self.model = model
 
     def _kji(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         kji = np.rint(np.asarray(g) / self.spacing).astype(int)[..., ::-1]
@@ -201,7 +205,7 @@ class _Scene:
     # -- rendering --------------------------------------------------------------------------------
 
     def render(self, rng, c: np.ndarray, r: float, kind: str) -> None:
-        field = nodule_field(rng, self.hu.shape, self.spacing, (0.0, 0.0, 0.0), c, r, kind, self.edge)
+        field = self.model(rng, self.hu.shape, self.spacing, (0.0, 0.0, 0.0), c, r, kind, self.edge)
         if field is None:
             return
         level, noise = self._local_parenchyma(rng, c, r)
@@ -308,7 +312,7 @@ def read_known_nodules(csv_path: Path, series_uid: str) -> list[tuple[tuple[floa
 
 
 def generate_inserted_dataset(series_dirs: Sequence[Path], out_dir: Path, n: int, seed: int, *, fmt: str = "nifti",
-                              annotations: Path | None = None) -> Path:
+                              annotations: Path | None = None, nodule_model: NoduleModel | None = None) -> Path:
     """n copies of the given real series (in turn) with simulated nodules, and a datalist.json like
     ``synth.generate_dataset``'s; the labelled nodules of ``annotations`` are avoided and listed as
     boxes too (kind "labelled"), since they are in the image."""
@@ -330,7 +334,8 @@ def generate_inserted_dataset(series_dirs: Sequence[Path], out_dir: Path, n: int
         _, volume, lungs = loaded
         known = read_known_nodules(annotations, volume.series_instance_uid) if annotations else []
         s = phantom_seed(seed, idx)
-        hu, specs = insert_nodules(volume, s, avoid=[(c, d / 2) for c, d in known], lungs=lungs)
+        hu, specs = insert_nodules(volume, s, avoid=[(c, d / 2) for c, d in known], lungs=lungs,
+                                   nodule_model=nodule_model)
         name = f"inserted_{idx:05d}"
         if fmt == "nifti":
             target = write_nifti_image(np.rint(hu).astype(np.int16), volume.spacing, volume.origin, volume.direction,

@@ -5,6 +5,7 @@ studies through the node in end-to-end tests. Each phantom is built from simple 
 (body, chest wall, ribs, spine, mediastinum, heart, airways, branching vessel trees, lungs) so the
 detector sees the same distractors as on real scans: vessels crossing a slice look like nodules,
 nodules touch the pleura or a vessel. Everything is drawn from one seed, so a phantom is reproducible.
+Nodules take this module's shape model, or real outlines from ``lidc_shapes`` (``nodule_model``).
 
 World coordinates are DICOM patient coordinates (LPS mm): x to the patient's left, y posterior,
 z superior. ``hu[k, j, i]`` is (slice, row, column); voxel (i, j, k) lies at origin + (i, j, k) * spacing.
@@ -63,7 +64,7 @@ class Phantom:
 
 
 @dataclass(frozen=True)
-class _Grid:
+class Grid:
     """Voxel grid: axis coordinates in mm and index lookups."""
 
     shape: tuple[int, int, int]  # (k, j, i)
@@ -150,7 +151,7 @@ class _Tube:
     r1: float
 
 
-def _tube_coverage(grid: _Grid, t: _Tube, grow: float, edge: float):
+def _tube_coverage(grid: Grid, t: _Tube, grow: float, edge: float):
     """(box, fraction of each voxel inside the tube widened by `grow` mm) or None."""
     (x0, y0, z0), (x1, y1, z1) = t.p0, t.p1
     rmax = max(t.r0, t.r1) + grow + edge
@@ -206,7 +207,7 @@ class _Body:
     med_x: float
 
 
-def _sample_body(rng: np.random.Generator, grid: _Grid, fov_x: float) -> _Body:
+def _sample_body(rng: np.random.Generator, grid: Grid, fov_x: float) -> _Body:
     z = grid.axis(2)
     a = min(rng.uniform(125.0, 172.0), 0.47 * fov_x)
     b = min(rng.uniform(0.62, 0.78) * a, 0.38 * fov_x)
@@ -247,7 +248,7 @@ class _Anatomy:
     vessels: list[_Tube]
 
 
-def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anatomy:
+def _build_anatomy(rng: np.random.Generator, grid: Grid, body: _Body) -> _Anatomy:
     nj, ni = grid.shape[1:]
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
     X, Y = x[None, :], y[:, None]  # 2D (j, i) broadcast
@@ -425,7 +426,7 @@ def _build_anatomy(rng: np.random.Generator, grid: _Grid, body: _Body) -> _Anato
     return _Anatomy(hu=hu, lung=lung, vessels=vessels)
 
 
-def _add_lung_texture(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray) -> None:
+def _add_lung_texture(rng, grid: Grid, hu: np.ndarray, lung: np.ndarray) -> None:
     """Low-contrast patchy texture: two smooth 2D fields mixed along z (cheap, varies per slice)."""
     nj, ni = grid.shape[1:]
     step = 4
@@ -443,7 +444,7 @@ def _add_lung_texture(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray) -> Non
     np.add(hu, tex, out=hu, where=lung)
 
 
-def _lung_points(rng, grid: _Grid, lung: np.ndarray, n: int, *, x_sign: float) -> np.ndarray:
+def _lung_points(rng, grid: Grid, lung: np.ndarray, n: int, *, x_sign: float) -> np.ndarray:
     """Up to n random points inside the lung on one side (x_sign -1 right, +1 left)."""
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
     lo = np.array([0.0 if x_sign > 0 else x[0], y[0], z[0]])
@@ -452,7 +453,7 @@ def _lung_points(rng, grid: _Grid, lung: np.ndarray, n: int, *, x_sign: float) -
     return pts[grid.inside(lung, pts)][:n]
 
 
-def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray, float]], *,
+def _grow_trees(rng, grid: Grid, lung: np.ndarray, roots: list[tuple[np.ndarray, np.ndarray, float]], *,
                 min_radius: float, max_tubes: int, length: tuple[float, float],
                 taper_from: float | None = None) -> list[_Tube]:
     """Branching tapered trees from the hilum outwards, grown a generation at a time for all roots.
@@ -526,7 +527,7 @@ def _grow_trees(rng, grid: _Grid, lung: np.ndarray, roots: list[tuple[np.ndarray
     return tubes + _tapered_ends(rng, grid, lung, *(np.concatenate(e) for e in zip(*ends)), taper_from=taper_from)
 
 
-def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarray, r: np.ndarray, *,
+def _tapered_ends(rng, grid: Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarray, r: np.ndarray, *,
                   taper_from: float) -> list[_Tube]:
     """A cone to a fine tip on every branch that stopped at full width (at the pleura or the cap).
 
@@ -547,7 +548,7 @@ def _tapered_ends(rng, grid: _Grid, lung: np.ndarray, p: np.ndarray, d: np.ndarr
     return [_Tube(tuple(a), tuple(b), r0, 0.3) for a, b, r0 in zip(p.tolist(), tips.tolist(), r.tolist())]
 
 
-def _draw_spine_and_ribs(rng, grid: _Grid, hu, body: _Body, cb, cav_yc, r_cav2, cav_scale) -> None:
+def _draw_spine_and_ribs(rng, grid: Grid, hu, body: _Body, cb, cav_yc, r_cav2, cav_scale) -> None:
     """Vertebra (cortex, cancellous bone, discs, canal, posterior arch) and a ring of ribs."""
     x, y, z = grid.axis(0), grid.axis(1), grid.axis(2)
     X, Y = x[None, :], y[:, None]
@@ -617,7 +618,7 @@ def _weighted(rng, names: Sequence[str], table: dict[str, float]) -> str:
     return str(names[rng.choice(len(names), p=w / w.sum())])
 
 
-def _place_nodule(rng, grid: _Grid, anat: _Anatomy, body: _Body, r: float, attachment: str,
+def _place_nodule(rng, grid: Grid, anat: _Anatomy, body: _Body, r: float, attachment: str,
                   taken: list[tuple[np.ndarray, float]]) -> np.ndarray | None:
     """A centre for a nodule of radius r with the wanted attachment, clear of the other nodules."""
     lo = np.array([-body.a, body.yc - body.b, body.z_base])
@@ -681,7 +682,7 @@ def nodule_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing:
     The shape model of the phantoms, shared with the insertion of nodules into real scans; the grid is
     axis aligned (voxel (i, j, k) at origin + (i, j, k) * spacing). None when the nodule misses the grid.
     """
-    grid = _Grid(tuple(shape), tuple(spacing), tuple(origin))
+    grid = Grid(tuple(shape), tuple(spacing), tuple(origin))
     c, r, edge = np.asarray(center_mm, float), radius_mm, edge_mm
     axes = rng.uniform(0.85, 1.15, 3)
     axes *= r / np.prod(axes) ** (1 / 3)
@@ -708,23 +709,36 @@ def nodule_field(rng: np.random.Generator, shape: tuple[int, int, int], spacing:
         cos = (u[0] * k[0] + u[1] * k[1] + u[2] * k[2]) / rho
         surface += amp * np.exp((cos - 1.0) / w)
     cov = np.clip((surface - rho) * r / edge + 0.5, 0.0, 1.0)
+
+    def core(f: float) -> np.ndarray:  # a sphere of f times the radius, a little off centre
+        off = rng.uniform(-1, 1, 3) * (1 - f) * 0.4
+        rc = np.sqrt((u[0] - off[0]) ** 2 + (u[1] - off[1]) ** 2 + (u[2] - off[2]) ** 2)
+        return np.clip((f - rc) * r / edge + 0.5, 0.0, 1.0)
+
+    return NoduleField(box=sl, coverage=cov, hu=nodule_density(rng, kind, rho.shape, core))
+
+
+def nodule_density(rng: np.random.Generator, kind: str, shape: tuple[int, ...],
+                   core: Callable[[float], np.ndarray]) -> np.ndarray:
+    """HU of a nodule's voxels by kind: solid 0-60; ground glass -600 to -320; part-solid = ground glass
+    with a solid core, ``core(f)`` being the coverage of a core of fraction f (0.3-0.6) of the nodule."""
     if kind == "solid":
-        value = np.full(rho.shape, rng.uniform(0.0, 60.0), np.float32)
-    else:
-        value = np.full(rho.shape, rng.uniform(-600.0, -320.0), np.float32)
-        if kind == "part-solid":
-            f = rng.uniform(0.3, 0.6)
-            off = rng.uniform(-1, 1, 3) * (1 - f) * 0.4
-            rc = np.sqrt((u[0] - off[0]) ** 2 + (u[1] - off[1]) ** 2 + (u[2] - off[2]) ** 2)
-            core = np.clip((f - rc) * r / edge + 0.5, 0.0, 1.0)
-            value += core * (rng.uniform(0.0, 50.0) - value)
-    return NoduleField(box=sl, coverage=cov, hu=value)
+        return np.full(shape, rng.uniform(0.0, 60.0), np.float32)
+    value = np.full(shape, rng.uniform(-600.0, -320.0), np.float32)
+    if kind == "part-solid":
+        inner = core(rng.uniform(0.3, 0.6))
+        value += inner * (rng.uniform(0.0, 50.0) - value)
+    return value
 
 
-def _draw_nodule(rng, grid: _Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarray, r: float, kind: str,
-                 edge: float) -> None:
+# How a nodule is drawn: nodule_field's signature; lidc_shapes.ShapeLibrary.field_model gives real outlines.
+NoduleModel = Callable[..., "NoduleField | None"]
+
+
+def _draw_nodule(rng, grid: Grid, hu: np.ndarray, lung: np.ndarray, c: np.ndarray, r: float, kind: str,
+                 edge: float, model: NoduleModel) -> None:
     """Draw one nodule into the phantom, only where the lung is (it rests against the pleura)."""
-    field = nodule_field(rng, grid.shape, grid.spacing, grid.origin, c, r, kind, edge)
+    field = model(rng, grid.shape, grid.spacing, grid.origin, c, r, kind, edge)
     if field is None:
         return
     cov = field.coverage * lung[field.box]
@@ -810,12 +824,14 @@ def make_phantom(
     noise_hu: tuple[float, float] = (8.0, 30.0),
     blur_mm: tuple[float, float] = (0.25, 0.75),
     z_fov_fraction: tuple[float, float] = (0.75, 1.0),
+    nodule_model: NoduleModel | None = None,
 ) -> Phantom:
     """A synthetic chest CT for `seed` (same seed, same phantom).
 
     field_of_view_mm is (x, y, z) or one number for a square in-plane field (z stays 330 mm); the
     scanned z length is that times a random fraction in z_fov_fraction. n_nodules is an inclusive
     range; kinds/attachments restrict what is drawn (solid, attached nodules are the common ones).
+    ``nodule_model`` draws each nodule in place of ``nodule_field`` (real outlines: lidc_shapes).
     """
     unknown = (set(kinds) - set(KINDS)) | (set(attachments) - set(ATTACHMENTS))
     if unknown:
@@ -826,14 +842,15 @@ def make_phantom(
     ni, nj = math.ceil(fov[0] / sx - 1e-6), math.ceil(fov[1] / sy - 1e-6)
     nk = max(16, int(round(fov[2] * rng.uniform(*z_fov_fraction) / sz)))
     origin = (-(ni - 1) * sx / 2, -(nj - 1) * sy / 2, round(rng.uniform(-420.0, -150.0), 2))  # exact in DICOM text
-    grid = _Grid((nk, nj, ni), (sx, sy, sz), origin)
+    grid = Grid((nk, nj, ni), (sx, sy, sz), origin)
     body = _sample_body(rng, grid, fov[0])
     anat = _build_anatomy(rng, grid, body)
     edge = 0.8 * min(sx, sy) + 0.3
     nodules = add_nodules(
         rng, n_nodules, diameter_range_mm, list(kinds), list(attachments),
         place=lambda r, attachment, taken: _place_nodule(rng, grid, anat, body, r, attachment, taken),
-        draw=lambda c, r, kind: _draw_nodule(rng, grid, anat.hu, anat.lung, c, r, kind, edge),
+        draw=lambda c, r, kind: _draw_nodule(rng, grid, anat.hu, anat.lung, c, r, kind, edge,
+                                             nodule_model or nodule_field),
     )
     hu = _scan(rng, anat.hu, (sx, sy, sz), noise_hu, blur_mm, body)
     return Phantom(hu=hu, spacing=(sx, sy, sz), origin=tuple(float(o) for o in origin), nodules=nodules)
@@ -1036,14 +1053,20 @@ def summarize(datalist: Path, what: str = "phantoms") -> str:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    model = None
+    if args.nodule_shapes:
+        from lungnode.training.lidc_shapes import load_library
+
+        model = load_library(args.nodule_shapes).subset(args.shape_split).field_model(args.real_shape_fraction)
     if args.insert_into:
         from lungnode.training.insertion import generate_inserted_dataset
 
         datalist = generate_inserted_dataset([Path(d) for d in args.insert_into], Path(args.out), args.n, args.seed,
-                                             fmt=args.format, annotations=args.annotations)
+                                             fmt=args.format, annotations=args.annotations, nodule_model=model)
         print(summarize(datalist, "real series with simulated nodules"))
         return 0
-    datalist = generate_dataset(Path(args.out), args.n, args.seed, fmt=args.format, spacing=tuple(args.spacing))
+    datalist = generate_dataset(Path(args.out), args.n, args.seed, fmt=args.format, spacing=tuple(args.spacing),
+                                nodule_model=model)
     print(summarize(datalist))
     return 0
 
@@ -1063,4 +1086,17 @@ def add_command(tsub) -> None:
     p.add_argument("--annotations", metavar="CSV",
                    help="with --insert-into: LUNA16-style annotations.csv; the series' labelled nodules are "
                         "kept clear of and listed in the datalist")
+    add_shape_arguments(p)
     p.set_defaults(func=_cmd_synth)
+
+
+def add_shape_arguments(p: argparse.ArgumentParser, default_split: str = "train") -> None:
+    """--nodule-shapes and its companions (train synth: the training split; train eval: the evaluation split)."""
+    p.add_argument("--nodule-shapes", type=Path, metavar="NPZ",
+                   help="draw nodules with real outlines from this library (`lungnode train shapes`) instead of "
+                        "the generated shape model")
+    p.add_argument("--shape-split", choices=("train", "eval", "all"), default=default_split,
+                   help=f"with --nodule-shapes: the outlines of the training or the evaluation patients (default "
+                        f"{default_split})")
+    p.add_argument("--real-shape-fraction", type=float, default=1.0,
+                   help="with --nodule-shapes: the share of nodules drawn with a real outline (the rest generated)")
