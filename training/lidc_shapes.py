@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from lungnode.training.synth import Grid, NoduleField, nodule_density, nodule_field
+from lungnode.training.synth import Grid, NoduleField, nodule_density, nodule_field, size_bin
 
 LIBRARY_VERSION = 1
 EXCLUDED_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002")  # the project's real evaluation/training scans
@@ -102,9 +102,9 @@ class ShapeLibrary:
         return field
 
     def summary(self) -> str:
-        bins = Counter((s.kind, _size_bin(s.diameter_mm)) for s in self.shapes)
+        bins = Counter((s.kind, size_bin(s.diameter_mm)) for s in self.shapes)
         kinds = ("solid", "part-solid", "ground-glass")
-        sizes = ("3-6 mm", "6-10 mm", "10-20 mm", ">=20 mm")
+        sizes = ("<6 mm", "6-10 mm", "10-20 mm", ">=20 mm")
         lines = [f"{'kind':<14}" + "".join(f"{b:>10}" for b in sizes) + f"{'all':>8}"]
         for k in kinds:
             lines.append(f"{k:<14}" + "".join(f"{bins[(k, b)]:>10}" for b in sizes) + f"{sum(bins[(k, b)] for b in sizes):>8}")
@@ -181,10 +181,6 @@ def shape_field(rng: np.random.Generator, outline: NoduleShape, shape: tuple[int
         return np.clip((inner - (1.0 - f) * float(depth.max())) / edge_mm + 0.5, 0.0, 1.0)
 
     return NoduleField(box=sl, coverage=cov, hu=nodule_density(rng, kind, full, core))
-
-
-def _size_bin(d: float) -> str:
-    return "3-6 mm" if d < 6 else "6-10 mm" if d < 10 else "10-20 mm" if d < 20 else ">=20 mm"
 
 
 def rasterise(contours: list[tuple[int, list[tuple[float, float]], bool]]) -> tuple[np.ndarray, tuple[int, int, int]]:

@@ -1031,14 +1031,14 @@ def generate_dataset(out_dir: Path, n: int, seed: int, *, fmt: str = "nifti",
 # ----------------------------------------------------------------------------------------------
 
 
-def _size_bin(d: float) -> str:
+def size_bin(d: float) -> str:
     return "<6 mm" if d < 6 else "6-10 mm" if d < 10 else "10-20 mm" if d < 20 else ">=20 mm"
 
 
 def summarize(datalist: Path, what: str = "phantoms") -> str:
     """Readable summary of a generated data set: counts by size, kind and attachment."""
     entries = json.loads(Path(datalist).read_text())["training"]
-    sizes = Counter(_size_bin(d) for e in entries for d in e["diameter_mm"])
+    sizes = Counter(size_bin(d) for e in entries for d in e["diameter_mm"])
     kinds = Counter(k for e in entries for k in e["kind"])
     attach = Counter(a for e in entries for a in e["attachment"])
     total = sum(kinds.values())
