@@ -128,3 +128,19 @@ def test_training_and_evaluation_phantoms_take_real_outlines_from_their_settings
     held = PhantomSettings(**{**plain.__dict__, "nodule_shapes": str(path), "shape_split": "all"})
     assert not np.array_equal(phantom_volume(5, held)[0].hu, phantom_volume(5, plain)[0].hu)
     assert phantom_scans(5, 5, held)[0].name == "phantom-5-outlines"
+
+
+def test_candidates_are_mined_on_phantoms_with_real_outlines(tmp_path):
+    """`train candidates --nodule-shapes`: the second stage can learn real outlines, and the record says so."""
+    import json
+
+    from lungnode.cli import main
+
+    path = ShapeLibrary([NoduleShape(_ball(r), (0.6, 0.6, 1.2), 5, "P") for r in (6, 12)]).save(tmp_path / "s.npz")
+    out = tmp_path / "candidates"
+    assert main(["train", "candidates", "--model", "lungnode-retina-cpu-v1", "--phantoms", "2600", "2600",
+                 "--nodule-shapes", str(path), "--shape-split", "all", "--per-scan", "10", "--out", str(out)]) == 0
+    z = np.load(out / "scans" / "phantom-2600-outlines.npz")
+    assert (z["label"] == 1).any()
+    assert json.loads((out / "mining.json").read_text())["sources"]["nodule_shapes"] == {
+        "library": str(path), "split": "all", "fraction": 1.0}

@@ -22,7 +22,7 @@ from lungnode.models.registry import load_model
 from lungnode.training import eval_sets
 from lungnode.training.data import PhantomSettings
 from lungnode.training.eval_sets import EvalScan
-from lungnode.training.synth import ATTACHMENTS
+from lungnode.training.synth import ATTACHMENTS, add_shape_arguments
 
 KIND_CANDIDATE, KIND_REFERENCE = 0, 1
 
@@ -93,7 +93,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.phantoms:
         settings = PhantomSettings(n_nodules=tuple(args.nodules) if args.nodules else None,
                                    diameter_range_mm=tuple(args.diameters) if args.diameters else None,
-                                   attachments=tuple(args.attachments) if args.attachments else None)
+                                   attachments=tuple(args.attachments) if args.attachments else None,
+                                   nodule_shapes=str(args.nodule_shapes) if args.nodule_shapes else None,
+                                   shape_split=args.shape_split, real_shape_fraction=args.real_shape_fraction)
         scans += eval_sets.phantom_scans(*args.phantoms, settings)
     for d in args.datalist or []:
         scans += eval_sets.datalist_scans(d, args.section)
@@ -103,6 +105,9 @@ def _run(args: argparse.Namespace) -> int:
     record = json.loads((args.out / "mining.json").read_text())
     record["sources"] = {"phantoms": args.phantoms, "nodules": args.nodules, "diameters_mm": args.diameters,
                          "attachments": args.attachments,
+                         "nodule_shapes": None if args.nodule_shapes is None else
+                         {"library": str(args.nodule_shapes), "split": args.shape_split,
+                          "fraction": args.real_shape_fraction},
                          "datalists": [str(d) for d in args.datalist or []]}
     (args.out / "mining.json").write_text(json.dumps(record, indent=2))
     return 0
@@ -121,6 +126,7 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="what the phantoms' nodules may touch (default: all); e.g. vascular for juxtavascular ones")
     p.add_argument("--datalist", type=Path, action="append", help="datalist JSON (repeatable), e.g. inserted scans")
     p.add_argument("--section", default="training", help="datalist section (default: training)")
+    add_shape_arguments(p)  # phantoms whose nodules have real outlines (the training patients')
     p.add_argument("--out", type=Path, required=True, help="runs/NAME")
     p.add_argument("--patch-size", type=int, nargs=3, default=(32, 32, 24), help="classifier input, model voxels")
     p.add_argument("--margin", type=int, default=3, help="extra voxels a side for shift augmentation")
