@@ -14,11 +14,19 @@ TUNING = (424242, 424242)  # one phantom, apart from the training and card evalu
 
 
 def test_retuned_model_runs_its_new_settings_and_chooses_its_threshold(tmp_path):
+    import numpy as np
+
+    from lungnode.training.data import PhantomSettings
+    from lungnode.training.lidc_shapes import NoduleShape, ShapeLibrary
+
     source = load_model("default")
     whole = 0 if source.card.inference.whole_image_max_voxels else 20_000_000
+    ball = (np.mgrid[-8:9, -8:9, -8:9] ** 2).sum(0) <= 64
+    shapes = ShapeLibrary([NoduleShape(ball, (0.7, 0.7, 0.7), 5, "P")]).save(tmp_path / "shapes.npz")
+    tuning = PhantomSettings(nodule_shapes=str(shapes), shape_split="all", real_shape_fraction=0.5)
     card_path = retune("default", tmp_path / "models" / "retuned", "2.0.0",
                        {"whole_image_max_voxels": whole, "sw_batch_size": 2, "tta_flips": mirror_views((0,))},
-                       TUNING, max_fp_per_scan=2.5)
+                       TUNING, max_fp_per_scan=2.5, tuning=tuning)
     spec = load_model(str(card_path))  # every file beside the card, sha256-checked
     assert spec.info.name == "retuned" and spec.info.version == "2.0.0"
     assert spec.card.inference.whole_image_max_voxels == whole and spec.card.inference.sw_batch_size == 2
@@ -29,6 +37,7 @@ def test_retuned_model_runs_its_new_settings_and_chooses_its_threshold(tmp_path)
     assert card["data"]["eval_seeds"] == list(TUNING)
     assert 0 < card["inference"]["score_threshold"] <= 1 and "sensitivity" in card["metrics"]
     assert "whole_image_max_voxels" in card["description"] and "2 mirrored views" in card["description"]
+    assert "tuning phantoms with 50% real outlines (all split of" in card["description"]
     assert card_path.with_suffix(".md").read_text().startswith("# retuned (version 2.0.0)")
 
 

@@ -98,15 +98,28 @@ def add_arguments(p) -> None:
     add_shape_arguments(p, default_split="eval")
 
 
+def shape_settings(args):
+    """The phantom settings that --nodule-shapes and its companions ask for (None: the generator's own shapes)."""
+    if not getattr(args, "nodule_shapes", None):
+        return None
+    from lungnode.training.data import PhantomSettings
+
+    return PhantomSettings(nodule_shapes=str(args.nodule_shapes), shape_split=args.shape_split,
+                           real_shape_fraction=args.real_shape_fraction)
+
+
+def outline_note(settings) -> str:
+    """How a tuning set's nodules were drawn, for a model's description ('' for the generator's shapes)."""
+    if settings is None or not settings.nodule_shapes:
+        return ""
+    return (f"; operating point chosen on tuning phantoms with {settings.real_shape_fraction:.0%} real outlines "
+            f"({settings.shape_split} split of {settings.nodule_shapes})")
+
+
 def from_arguments(args) -> tuple[list[EvalScan], str]:
     """The scans and a description of the set."""
     if args.phantoms:
-        settings = None
-        if args.nodule_shapes:
-            from lungnode.training.data import PhantomSettings
-
-            settings = PhantomSettings(nodule_shapes=str(args.nodule_shapes), shape_split=args.shape_split,
-                                       real_shape_fraction=args.real_shape_fraction)
+        settings = shape_settings(args)
         scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last, settings)]
         if len({s.name for s in scans}) != len(scans):
             raise SystemExit("--phantoms ranges overlap: give each seed once")

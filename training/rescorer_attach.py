@@ -26,10 +26,10 @@ from lungnode.inference.rescoring import Rescorer
 from lungnode.models.candidate_classifier import CandidateClassifier
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
-from lungnode.training.eval_sets import EvalScan, phantom_scans
+from lungnode.training.eval_sets import EvalScan, outline_note, phantom_scans, shape_settings
 from lungnode.training.export import MAX_ABS_DIFF, OPSET, set_operating_point
 from lungnode.training.froc import candidates_from_detections, evaluate_froc
-from lungnode.training.synth import GENERATOR_VERSION
+from lungnode.training.synth import GENERATOR_VERSION, add_shape_arguments
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -76,7 +76,8 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
 
 
 def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None) -> Path:
+           max_fp_per_scan: float | None, tuning=None) -> Path:
+    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
     first = load_model(model)
     if first.card.second_stage is not None:
         raise ValueError(f"{first.info.name} already has a second stage: attach to its first-stage model")
@@ -123,7 +124,8 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     )
     card = first.card.model_copy(deep=True, update={
         "name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "description": first.card.description + f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)",
+        "description": first.card.description + f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)"
+                       + outline_note(tuning),
         "onnx_file": onnx_path.name, "state_dict_file": pt_path.name if first.state_dict_path else None,
         "second_stage": stage, "metrics": {}, "int8": None,  # a new model: its 8-bit copy is checked anew
     })
@@ -131,7 +133,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     card_path.write_text(card.model_dump_json(indent=2))
     spec = load_model(str(card_path))
     detector = Detector(spec)
-    weight, outcome, cpms = choose_weight(detector, detector.rescorer, phantom_scans(*eval_seeds),
+    weight, outcome, cpms = choose_weight(detector, detector.rescorer, phantom_scans(*eval_seeds, tuning),
                                           card.inference.score_threshold)
     print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on phantoms {eval_seeds[0]}-{eval_seeds[1]}; "
           f"the detector alone: {cpms[0.0]:.4f})")
@@ -145,7 +147,8 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
 
 def _run(args: argparse.Namespace) -> int:
-    attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan)
+    attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan,
+           shape_settings(args))
     return 0
 
 
@@ -159,4 +162,5 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="held-out phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
+    add_shape_arguments(p)  # tuning phantoms with the training patients' real outlines
     p.set_defaults(func=_run)

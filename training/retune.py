@@ -25,10 +25,11 @@ from lungnode.inference.tta import mirror_views
 from lungnode.models.registry import ModelSpec, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig
 from lungnode.training.eval_run import evaluate
-from lungnode.training.eval_sets import phantom_scans
+from lungnode.training.eval_sets import outline_note, phantom_scans, shape_settings
 from lungnode.training.export import check_apart, data_info, export_network, set_operating_point, training_info
 from lungnode.training.fit import TrainConfig
 from lungnode.training.rescorer_attach import choose_weight
+from lungnode.training.synth import add_shape_arguments
 
 # What must not change between a model and a detector fine-tuned for it (the prepared image and the
 # network's outputs mean the same).
@@ -54,7 +55,8 @@ def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint
 
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None, detector_checkpoint: Path | None = None) -> Path:
+           max_fp_per_scan: float | None, detector_checkpoint: Path | None = None, tuning=None) -> Path:
+    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
     source = load_model(model)
     unknown = set(inference) - set(type(source.card.inference).model_fields)
     if unknown:
@@ -84,7 +86,8 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     for src, dst in files.items():
         if src is not None:
             shutil.copy2(src, dst)
-    update["description"] = source.card.description + f"; {source.info.name} with {', '.join(changes)}"
+    update["description"] = (source.card.description + f"; {source.info.name} with {', '.join(changes)}"
+                             + outline_note(tuning))
     update["inference"] = type(source.card.inference).model_validate({**source.card.inference.model_dump(), **inference})
     card = source.card.model_copy(deep=True, update=update)
     if card.second_stage is not None:
@@ -94,7 +97,7 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     card_path = out.with_suffix(".json")
     card_path.write_text(card.model_dump_json(indent=2))
     detector = Detector(load_model(str(card_path)))
-    scans = phantom_scans(*eval_seeds)
+    scans = phantom_scans(*eval_seeds, tuning)
     if detector.rescorer is not None:
         weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold)
         print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on phantoms {eval_seeds[0]}-{eval_seeds[1]})")
@@ -116,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     if not inference and args.detector is None:
         raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size, "
                          "--detections-per-image and/or --tta-axes")
-    retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector)
+    retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector,
+           shape_settings(args))
     return 0
 
 
@@ -141,4 +145,5 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="tuning phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
+    add_shape_arguments(p)  # tuning phantoms with the training patients' real outlines
     p.set_defaults(func=_run)
