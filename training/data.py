@@ -47,10 +47,9 @@ class PhantomSettings:
                  "diameter_range_mm": "diameter_range_mm", "attachments": "attachments"}
         kwargs = {arg: getattr(self, f) for f, arg in names.items() if getattr(self, f) is not None}
         if self.nodule_shapes is not None and self.real_shape_fraction > 0:
-            from lungnode.training.lidc_shapes import load_library
+            from lungnode.training.lidc_shapes import library_split
 
-            library = load_library(self.nodule_shapes).subset(self.shape_split)
-            kwargs["nodule_model"] = library.field_model(self.real_shape_fraction)
+            kwargs["nodule_model"] = library_split(self.nodule_shapes, self.shape_split).field_model(self.real_shape_fraction)
         return kwargs
 
 

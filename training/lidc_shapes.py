@@ -83,12 +83,12 @@ class ShapeLibrary:
     def pick(self, rng: np.random.Generator, kind: str, diameter_mm: float) -> NoduleShape:
         """A random outline of ``kind`` within a factor 1.4 of the diameter (scaling it then changes little);
         the nearest in size when none is that close, and any kind when the library has none of it."""
-        same = self._kinds == kind if (self._kinds == kind).any() else np.ones(len(self.shapes), bool)
-        ratio = np.abs(np.log(self._diameters / diameter_mm))
-        near = np.flatnonzero(same & (ratio <= math.log(1.4)))
-        if not len(near):
-            near = np.flatnonzero(same)[[int(np.argmin(np.where(same, ratio, np.inf)[same]))]]
-        return self.shapes[int(rng.choice(near))]
+        same = self._kinds == kind
+        if not same.any():
+            same[:] = True
+        ratio = np.where(same, np.abs(np.log(self._diameters / diameter_mm)), np.inf)
+        near = np.flatnonzero(ratio <= math.log(1.4))
+        return self.shapes[int(rng.choice(near))] if len(near) else self.shapes[int(np.argmin(ratio))]
 
     def field_model(self, real_fraction: float = 1.0) -> Callable[..., NoduleField | None]:
         """A drop-in for ``synth.nodule_field`` that draws a real outline ``real_fraction`` of the time."""
@@ -126,6 +126,12 @@ class ShapeLibrary:
         return path
 
 
+@lru_cache(maxsize=8)
+def library_split(path: str | Path, split: Split) -> ShapeLibrary:
+    """One split of a library file, made once per process (each phantom drawn with it asks again)."""
+    return load_library(path).subset(split)
+
+
 @lru_cache(maxsize=4)
 def load_library(path: str | Path) -> ShapeLibrary:
     """A library written by ``lungnode train shapes`` (read once per process)."""
@@ -154,7 +160,6 @@ def shape_field(rng: np.random.Generator, outline: NoduleShape, shape: tuple[int
     src_sp = np.array(outline.spacing[::-1])  # (k, j, i) mm
     mask = np.pad(outline.mask, 3).astype(np.float32)
     blurred = ndimage.gaussian_filter(mask, edge_mm / 2.5 / scale / src_sp)
-    depth = ndimage.distance_transform_edt(mask, sampling=src_sp) * scale  # mm inside the outline
     pts = np.argwhere(mask > 0)
     centre = pts.mean(0)
     reach = np.abs((pts - centre) * src_sp).max() * scale * math.sqrt(2) + 2 * edge_mm + max(src_sp) * scale
@@ -176,8 +181,9 @@ def shape_field(rng: np.random.Generator, outline: NoduleShape, shape: tuple[int
                                                   centre[2] + u / src_sp[2])]
     cov = np.clip(ndimage.map_coordinates(blurred, coords, order=1, cval=0.0), 0.0, 1.0).astype(np.float32)
 
-    def core(f: float) -> np.ndarray:  # the deepest part of the outline
-        inner = ndimage.map_coordinates(depth.astype(np.float32), coords, order=1, cval=0.0)
+    def core(f: float) -> np.ndarray:  # the deepest part of the outline (part-solid nodules only)
+        depth = (ndimage.distance_transform_edt(mask, sampling=src_sp) * scale).astype(np.float32)  # mm inside
+        inner = ndimage.map_coordinates(depth, coords, order=1, cval=0.0)
         return np.clip((inner - (1.0 - f) * float(depth.max())) / edge_mm + 0.5, 0.0, 1.0)
 
     return NoduleField(box=sl, coverage=cov, hu=nodule_density(rng, kind, full, core))
@@ -200,7 +206,11 @@ def rasterise(contours: list[tuple[int, list[tuple[float, float]], bool]]) -> tu
                 continue
             img = Image.new("1", (mask.shape[2], mask.shape[1]), 0)
             xy = [(float(x) - i0, float(y) - j0) for x, y in p]
-            ImageDraw.Draw(img).polygon(xy, fill=1, outline=1) if len(xy) > 2 else ImageDraw.Draw(img).point(xy, fill=1)
+            draw = ImageDraw.Draw(img)
+            if len(xy) > 2:
+                draw.polygon(xy, fill=1, outline=1)
+            else:  # a one- or two-pixel outline
+                draw.point(xy, fill=1)
             drawn = np.array(img, bool)
             if keep:
                 mask[k - k0] |= drawn

@@ -1055,9 +1055,9 @@ def summarize(datalist: Path, what: str = "phantoms") -> str:
 def _cmd_synth(args: argparse.Namespace) -> int:
     model = None
     if args.nodule_shapes:
-        from lungnode.training.lidc_shapes import load_library
+        from lungnode.training.lidc_shapes import library_split
 
-        model = load_library(args.nodule_shapes).subset(args.shape_split).field_model(args.real_shape_fraction)
+        model = library_split(args.nodule_shapes, args.shape_split).field_model(args.real_shape_fraction)
     if args.insert_into:
         from lungnode.training.insertion import generate_inserted_dataset
 
