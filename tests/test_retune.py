@@ -41,6 +41,20 @@ def test_retuned_model_runs_its_new_settings_and_chooses_its_threshold(tmp_path)
     assert card_path.with_suffix(".md").read_text().startswith("# retuned (version 2.0.0)")
 
 
+def test_the_first_stage_alone_becomes_a_model_whose_candidates_can_be_mined(tmp_path):
+    from lungnode.training.candidate_mining import mine
+    from lungnode.training.eval_sets import phantom_scans
+
+    out = tmp_path / "models" / "alone"
+    card_path = retune("default", out, "1.0.0", {}, TUNING, None, first_stage_only=True)
+    spec = load_model(str(card_path))
+    assert spec.card.second_stage is None and not list(out.parent.glob("*rescorer*"))
+    assert spec.info.sha256 == load_model("default").info.sha256, "the default model's own detector"
+    assert "the first stage alone" in spec.card.description
+    folder = mine(str(card_path), phantom_scans(*TUNING), tmp_path / "mined", (32, 32, 24), 3, 0.05, 10)
+    assert len(list(folder.glob("*.npz"))) == 1
+
+
 def test_an_unknown_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown inference setting"):
         retune("default", tmp_path / "x", "1.0.0", {"window_size": 3}, TUNING, None)

@@ -8,7 +8,9 @@ exported and checked as `train export` does, while the second stage stays: a fin
 proposes the same kind of candidates, so the classifier that learned them still applies (a detector
 trained any other way needs its own mined candidates and rescorer). Either moves the scores, so the
 second stage's fusion weight and the score threshold are chosen again on the tuning phantoms, by the
-rules `train attach-rescorer` and `train export` use. Then `train eval --update-card` on held-out sets
+rules `train attach-rescorer` and `train export` use. ``--first-stage-only`` leaves the second stage
+out: the detector alone, run as the model runs it, whose candidates `train candidates` mines for a
+second stage of its own. Then `train eval --update-card` on held-out sets
 and `train promote`, as for any new model.
 """
 from __future__ import annotations
@@ -55,7 +57,8 @@ def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint
 
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None, detector_checkpoint: Path | None = None, tuning=None) -> Path:
+           max_fp_per_scan: float | None, detector_checkpoint: Path | None = None, tuning=None,
+           first_stage_only: bool = False) -> Path:
     """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
     source = load_model(model)
     unknown = set(inference) - set(type(source.card.inference).model_fields)
@@ -63,8 +66,8 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
         raise ValueError(f"unknown inference setting(s): {', '.join(sorted(unknown))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name
-    files = {source.second_stage_path: out.with_name(name + "-rescorer.onnx"),
-             source.second_stage_state_dict_path: out.with_name(name + "-rescorer.pt")}
+    files = {} if first_stage_only else {source.second_stage_path: out.with_name(name + "-rescorer.onnx"),
+                                         source.second_stage_state_dict_path: out.with_name(name + "-rescorer.pt")}
     update = {"name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "onnx_file": out.with_suffix(".onnx").name, "metrics": {},
               "int8": None}  # a new model: its 8-bit copy is made and checked anew (train quantize)
@@ -83,6 +86,9 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
             "training": training_info(ckpt, cfg, detector_checkpoint), "data": data_info(cfg, eval_seeds),
         })
         changes.insert(0, f"its detector fine-tuned ({int(ckpt['iteration'])} iterations)")
+    if first_stage_only:
+        update["second_stage"] = None
+        changes.append("the first stage alone")
     for src, dst in files.items():
         if src is not None:
             shutil.copy2(src, dst)
@@ -116,11 +122,11 @@ def _run(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.tta_axes is not None:
         inference["tta_flips"] = mirror_views(int(a) for a in args.tta_axes)
-    if not inference and args.detector is None:
-        raise SystemExit("nothing to change: give --detector, --whole-image-max-voxels, --sw-batch-size, "
-                         "--detections-per-image and/or --tta-axes")
+    if not inference and args.detector is None and not args.first_stage_only:
+        raise SystemExit("nothing to change: give --detector, --first-stage-only, --whole-image-max-voxels, "
+                         "--sw-batch-size, --detections-per-image and/or --tta-axes")
     retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector,
-           shape_settings(args))
+           shape_settings(args), args.first_stage_only)
     return 0
 
 
@@ -133,6 +139,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--detector", type=Path, metavar="CHECKPOINT",
                    help="runs/NAME/checkpoint.pt of `train fit` fine-tuned from the model's detector (init_weights): "
                         "the new first stage")
+    p.add_argument("--first-stage-only", action="store_true",
+                   help="leave the second stage out: the detector alone, whose candidates `train candidates` mines")
     p.add_argument("--whole-image-max-voxels", type=int,
                    help="lung crops of at most this many model voxels go through the network whole (0: sliding windows)")
     p.add_argument("--sw-batch-size", type=int, help="windows (or, whole, mirrored views) per network call")
