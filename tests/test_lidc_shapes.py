@@ -128,6 +128,13 @@ def test_training_and_evaluation_phantoms_take_real_outlines_from_their_settings
     held = PhantomSettings(**{**plain.__dict__, "nodule_shapes": str(path), "shape_split": "all"})
     assert not np.array_equal(phantom_volume(5, held)[0].hu, phantom_volume(5, plain)[0].hu)
     assert phantom_scans(5, 5, held)[0].name == "phantom-5-outlines"
+    # the set's description (in promotion's history) says its nodules have real outlines
+    from argparse import Namespace
+
+    from lungnode.training.eval_sets import from_arguments
+    _, described = from_arguments(Namespace(phantoms=[(5, 5)], nodule_shapes=path, shape_split="all",
+                                            real_shape_fraction=1.0))
+    assert described == f"phantoms 5-5 with 100% real outlines (all split of {path})"
 
 
 def test_candidates_are_mined_on_phantoms_with_real_outlines(tmp_path):

@@ -108,12 +108,18 @@ def shape_settings(args):
                            real_shape_fraction=args.real_shape_fraction)
 
 
-def outline_note(settings) -> str:
-    """How a tuning set's nodules were drawn, for a model's description ('' for the generator's shapes)."""
+def shape_note(settings) -> str:
+    """How a phantom set's nodules are drawn ('' for the generator's shapes), e.g. for the registry's history."""
     if settings is None or not settings.nodule_shapes:
         return ""
-    return (f"; operating point chosen on tuning phantoms with {settings.real_shape_fraction:.0%} real outlines "
+    return (f" with {settings.real_shape_fraction:.0%} real outlines "
             f"({settings.shape_split} split of {settings.nodule_shapes})")
+
+
+def outline_note(settings) -> str:
+    """How a tuning set's nodules were drawn, for a model's description ('' for the generator's shapes)."""
+    note = shape_note(settings)
+    return note and f"; operating point chosen on tuning phantoms{note}"
 
 
 def from_arguments(args) -> tuple[list[EvalScan], str]:
@@ -123,7 +129,7 @@ def from_arguments(args) -> tuple[list[EvalScan], str]:
         scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last, settings)]
         if len({s.name for s in scans}) != len(scans):
             raise SystemExit("--phantoms ranges overlap: give each seed once")
-        return scans, "phantoms " + ", ".join(f"{first}-{last}" for first, last in args.phantoms)
+        return scans, "phantoms " + ", ".join(f"{first}-{last}" for first, last in args.phantoms) + shape_note(settings)
     if args.datalist:
         return datalist_scans(args.datalist, args.section), f"{args.datalist} [{args.section}]"
     if args.annotations is None:
