@@ -10,8 +10,9 @@ trained any other way needs its own mined candidates and rescorer). Either moves
 second stage's fusion weight and the score threshold are chosen again on the tuning phantoms, by the
 rules `train attach-rescorer` and `train export` use. ``--first-stage-only`` leaves the second stage
 out: the detector alone, run as the model runs it, whose candidates `train candidates` mines for a
-second stage of its own. Then `train eval --update-card` on held-out sets
-and `train promote`, as for any new model.
+second stage of its own. With nothing else changed, ``--max-fp-per-scan`` alone chooses the operating
+point again for another false-positive budget. Then `train eval --update-card` on held-out sets and
+`train promote`, as for any new model.
 """
 from __future__ import annotations
 
@@ -122,9 +123,10 @@ def _run(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.tta_axes is not None:
         inference["tta_flips"] = mirror_views(int(a) for a in args.tta_axes)
-    if not inference and args.detector is None and not args.first_stage_only:
-        raise SystemExit("nothing to change: give --detector, --first-stage-only, --whole-image-max-voxels, "
-                         "--sw-batch-size, --detections-per-image and/or --tta-axes")
+    if not inference and args.detector is None and not args.first_stage_only and args.max_fp_per_scan is None:
+        raise SystemExit("nothing to change: give --detector, --first-stage-only, --max-fp-per-scan (another "
+                         "false-positive budget), --whole-image-max-voxels, --sw-batch-size, --detections-per-image "
+                         "and/or --tta-axes")
     retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector,
            shape_settings(args), args.first_stage_only)
     return 0
