@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,10 @@ def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, 
 def _run(args: argparse.Namespace) -> int:
     scans: list[EvalScan] = []
     if args.phantoms:
-        settings = PhantomSettings(n_nodules=tuple(args.nodules) if args.nodules else None,
-                                   diameter_range_mm=tuple(args.diameters) if args.diameters else None,
-                                   attachments=tuple(args.attachments) if args.attachments else None,
-                                   nodule_shapes=str(args.nodule_shapes) if args.nodule_shapes else None,
-                                   shape_split=args.shape_split, real_shape_fraction=args.real_shape_fraction)
+        settings = replace(eval_sets.shape_settings(args) or PhantomSettings(),
+                           n_nodules=tuple(args.nodules) if args.nodules else None,
+                           diameter_range_mm=tuple(args.diameters) if args.diameters else None,
+                           attachments=tuple(args.attachments) if args.attachments else None)
         scans += eval_sets.phantom_scans(*args.phantoms, settings)
     for d in args.datalist or []:
         scans += eval_sets.datalist_scans(d, args.section)
