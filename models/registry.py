@@ -87,6 +87,7 @@ class SecondStage(BaseModel):
     patch_size: tuple[int, int, int]  # model voxels (i, j, k), centred on the candidate
     weight: float
     min_detector_score: float  # candidates the detector scores below this are not rescored
+    views: int = 1  # mirrored/turned copies of each patch whose logits are averaged (inference/rescoring.py)
     data: str  # the scans its training candidates came from
     training: TrainingInfo
     metrics: dict[str, float | int | str] = {}

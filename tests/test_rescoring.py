@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from lungnode.inference.detector import Detector
-from lungnode.inference.rescoring import Rescorer, box_centres, fuse, patches_at
-from lungnode.models.registry import ModelIntegrityError, load_model
+from lungnode.inference.rescoring import Rescorer, box_centres, fuse, patch_views, patches_at
+from lungnode.models.registry import ModelIntegrityError, SecondStage, load_model
 from lungnode.training.candidate_mining import KIND_REFERENCE, mine
 from lungnode.training.data import PhantomSettings, phantom_volume
 from lungnode.training.eval_sets import phantom_scans
@@ -32,6 +32,40 @@ def test_patch_is_centred_on_the_box_and_padded_with_air():
     assert p.shape == (8, 8, 6) and p[4, 4, 3] == 1.0 and p.sum() == 1.0
     corner = patches_at(image, [[0.0, 0.0, 0.0]], (8, 8, 6))[0]
     assert corner[:4].sum() == 0 and corner.shape == (8, 8, 6)  # outside the image: zeros
+
+
+def test_patch_views_are_the_patch_mirrored_and_turned():
+    patch = np.zeros((1, 6, 6, 4), np.float32)
+    patch[0, 1, 2, 3] = 1.0
+    views = patch_views(patch, 16)
+    assert views.shape == (16, 1, 6, 6, 4)
+    np.testing.assert_array_equal(views[0], patch)  # the patch as cut comes first
+    where = {tuple(int(v) for v in np.argwhere(view[0])[0]) for view in views}
+    # mirrors send index x to 5 - x in-plane and 3 - x in depth; the turn swaps i and j
+    assert where == {(i, j, k) for a, b in ((1, 2), (2, 1)) for i in (a, 5 - a) for j in (b, 5 - b) for k in (3, 0)}
+    np.testing.assert_array_equal(patch_views(patch, 8), views[:8])
+    with pytest.raises(ValueError, match="square"):
+        patch_views(np.zeros((1, 6, 5, 4), np.float32), 16)
+    with pytest.raises(ValueError, match="one of"):
+        patch_views(patch, 3)
+
+
+def test_the_classifier_reads_the_mean_logit_over_its_views():
+    image = np.zeros((20, 20, 20), np.float32)
+    image[11, 10, 10] = 3.0
+    box = np.array([[9.0, 9.0, 9.0, 12.0, 12.0, 12.0]])  # centred on voxel 10: the 8-voxel patch spans 6-13
+
+    def network(x):  # a "classifier" that reads one voxel left of the centre: not mirror-symmetric
+        return x[:, 0, 2, 4, 4] * 4.0 - 2.0
+
+    stage = SecondStage(onnx_file="x", onnx_sha256="0", channels=[1], parameters=0, patch_size=(8, 8, 8), weight=0.5,
+                        min_detector_score=0.05, data="", training={"command": "", "config": {}, "iterations": 0,
+                                                                    "seconds": 0.0, "device": "cpu"})
+    one = Rescorer(stage, network).probabilities(image, box)
+    two = Rescorer(stage.model_copy(update={"views": 2}), network).probabilities(image, box)
+    np.testing.assert_allclose(one, [1 / (1 + np.exp(2.0))])  # patch[2, 4, 4] = image[8, 10, 10] = 0
+    mean_logit = ((0 * 4.0 - 2.0) + (3.0 * 4.0 - 2.0)) / 2  # mirrored along i, patch[2] = image[11, 10, 10] = 3
+    np.testing.assert_allclose(two, [1 / (1 + np.exp(-mean_logit))])
 
 
 def test_fusion_weight_moves_the_ranking_from_detector_to_classifier():
@@ -129,7 +163,7 @@ def two_stage(mined, tmp_path_factory):
                          validate_every=10, precision="f32")
     fit_rescorer(cfg, [mined], run)
     out = tmp_path_factory.mktemp("models") / "two-stage-test"
-    return attach(FIRST_STAGE, run / "checkpoint.pt", out, "0.0.1", (900045, 900045), max_fp_per_scan=4.0)
+    return attach(FIRST_STAGE, run / "checkpoint.pt", out, "0.0.1", (900045, 900045), max_fp_per_scan=4.0, views=16)
 
 
 def test_attached_model_card_names_and_verifies_both_stages(two_stage):
@@ -139,9 +173,9 @@ def test_attached_model_card_names_and_verifies_both_stages(two_stage):
     assert spec.second_stage_path.name == "two-stage-test-rescorer.onnx"
     assert spec.card.onnx_sha256 == load_model(FIRST_STAGE).card.onnx_sha256  # the same detector
     assert "2 phantoms of generator" in stage.data and "weight_selection_cpm_w0" in stage.metrics
-    assert spec.card.metrics["eval_scans"] == 1
+    assert spec.card.metrics["eval_scans"] == 1 and stage.views == 16
     md = two_stage.with_suffix(".md").read_text()
-    assert "Second stage" in md and stage.onnx_sha256 in md
+    assert "Second stage" in md and stage.onnx_sha256 in md and "16 mirrored/turned copies" in md
 
 
 def test_tampered_second_stage_is_refused(two_stage, tmp_path):

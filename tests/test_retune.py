@@ -55,6 +55,20 @@ def test_the_first_stage_alone_becomes_a_model_whose_candidates_can_be_mined(tmp
     assert len(list(folder.glob("*.npz"))) == 1
 
 
+def test_the_second_stage_reads_more_views_and_its_weight_is_chosen_again(tmp_path):
+    from lungnode.training.rescorer_attach import WEIGHTS
+
+    source = load_model("default")
+    if source.card.second_stage is None:
+        pytest.skip("the default model has no second stage")
+    card_path = retune("default", tmp_path / "models" / "views", "1.0.0", {}, TUNING, None, second_stage_views=8)
+    stage = load_model(str(card_path)).card.second_stage
+    assert stage.views == 8 and stage.weight in WEIGHTS and "weight_selection_cpm_w0.5" in stage.metrics
+    assert "its second stage reading 8 views of each patch" in load_model(str(card_path)).card.description
+    with pytest.raises(ValueError, match="needs a second stage"):
+        retune("default", tmp_path / "alone", "1.0.0", {}, TUNING, None, first_stage_only=True, second_stage_views=8)
+
+
 def test_an_unknown_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown inference setting"):
         retune("default", tmp_path / "x", "1.0.0", {"window_size": 3}, TUNING, None)

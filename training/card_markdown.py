@@ -45,9 +45,14 @@ def second_stage(card: ModelCard) -> str:
     return (f"- Second stage (false-positive reduction, inference/rescoring.py): a 3D CNN candidate classifier, "
             f"{st.parameters:,} parameters, channels {st.channels}, on a {list(st.patch_size)}-voxel patch centred on "
             f"each candidate the detector scores >= {st.min_detector_score} (`{st.onnx_file}`, sha256 `{st.onnx_sha256}`, "
-            f"PyTorch state dict `{st.state_dict_file}`); reported score = detector^{1 - st.weight:g} x classifier^{st.weight:g}\n"
+            f"PyTorch state dict `{st.state_dict_file}`); {_views(st.views)}"
+            f"reported score = detector^{1 - st.weight:g} x classifier^{st.weight:g}\n"
             f"- Second-stage training: `{st.training.command}` on {st.data}; {st.training.iterations} iterations in "
             f"{st.training.seconds / 60:.0f} min on {st.training.device}; {_pairs(st.metrics)}\n")
+
+
+def _views(views: int) -> str:
+    return "" if views == 1 else f"classifier = mean logit over {views} mirrored/turned copies of the patch; "
 
 
 def int8_network(card: ModelCard) -> str:

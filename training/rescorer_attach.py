@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lungnode.inference.detector import Detector, ranked, rescored
-from lungnode.inference.rescoring import Rescorer
+from lungnode.inference.rescoring import VIEWS, Rescorer, check_views
 from lungnode.models.candidate_classifier import CandidateClassifier
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
@@ -76,8 +76,9 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
 
 
 def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None, tuning=None) -> Path:
-    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
+           max_fp_per_scan: float | None, tuning=None, views: int = 1) -> Path:
+    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own;
+    ``views``: copies of each patch the classifier reads (inference/rescoring.py)."""
     first = load_model(model)
     if first.card.second_stage is not None:
         raise ValueError(f"{first.info.name} already has a second stage: attach to its first-stage model")
@@ -90,6 +91,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & trained_on
     if overlap:
         raise ValueError(f"evaluation seeds overlap the classifier's training seeds: {sorted(overlap)[:5]}...")
+    check_views(views, ckpt["patch_size"])
     net = CandidateClassifier(ckpt["channels"])
     net.load_state_dict(ckpt["network"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
         onnx_file=stage_onnx.name, onnx_sha256=sha256_file(stage_onnx),
         state_dict_file=stage_pt.name, state_dict_sha256=sha256_file(stage_pt),
         channels=list(ckpt["channels"]), parameters=sum(p.numel() for p in net.parameters()),
-        patch_size=tuple(ckpt["patch_size"]), weight=0.5, min_detector_score=float(mining["floor"]), data=data,
+        patch_size=tuple(ckpt["patch_size"]), views=views, weight=0.5, min_detector_score=float(mining["floor"]), data=data,
         training=TrainingInfo(command=fit_command.read_text().strip() if fit_command.is_file() else "", config=cfg,
                               iterations=int(ckpt["iteration"]), seconds=round(float(ckpt["seconds"]), 1),
                               device=f"cpu ({cfg['threads']} threads)"),
@@ -148,7 +150,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
 def _run(args: argparse.Namespace) -> int:
     attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan,
-           shape_settings(args))
+           shape_settings(args), args.views)
     return 0
 
 
@@ -162,5 +164,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="held-out phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
+    p.add_argument("--views", type=int, choices=VIEWS, default=1,
+                   help="copies of each candidate's patch the classifier reads, its logits averaged: 1 as cut, "
+                        "8 mirrored along every axis, 16 also turned in-plane (default: 1)")
     add_shape_arguments(p)  # tuning phantoms with the training patients' real outlines
     p.set_defaults(func=_run)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lungnode.inference.detector import Detector
+from lungnode.inference.rescoring import VIEWS, check_views
 from lungnode.inference.tta import mirror_views
 from lungnode.models.registry import ModelSpec, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig
@@ -59,9 +60,11 @@ def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
            max_fp_per_scan: float | None, detector_checkpoint: Path | None = None, tuning=None,
-           first_stage_only: bool = False) -> Path:
+           first_stage_only: bool = False, second_stage_views: int | None = None) -> Path:
     """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
     source = load_model(model)
+    if second_stage_views is not None and (first_stage_only or source.card.second_stage is None):
+        raise ValueError(f"--second-stage-views needs a second stage, and {source.info.name} would have none")
     unknown = set(inference) - set(type(source.card.inference).model_fields)
     if unknown:
         raise ValueError(f"unknown inference setting(s): {', '.join(sorted(unknown))}")
@@ -90,6 +93,8 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     if first_stage_only:
         update["second_stage"] = None
         changes.append("the first stage alone")
+    if second_stage_views is not None:
+        changes.append(f"its second stage reading {second_stage_views} views of each patch")
     for src, dst in files.items():
         if src is not None:
             shutil.copy2(src, dst)
@@ -98,6 +103,9 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     update["inference"] = type(source.card.inference).model_validate({**source.card.inference.model_dump(), **inference})
     card = source.card.model_copy(deep=True, update=update)
     if card.second_stage is not None:
+        if second_stage_views is not None:
+            check_views(second_stage_views, card.second_stage.patch_size)
+            card.second_stage.views = second_stage_views
         card.second_stage.onnx_file = files[source.second_stage_path].name
         if source.second_stage_state_dict_path is not None:
             card.second_stage.state_dict_file = files[source.second_stage_state_dict_path].name
@@ -123,12 +131,16 @@ def _run(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.tta_axes is not None:
         inference["tta_flips"] = mirror_views(int(a) for a in args.tta_axes)
-    if not inference and args.detector is None and not args.first_stage_only and args.max_fp_per_scan is None:
+    if (not inference and args.detector is None and not args.first_stage_only and args.max_fp_per_scan is None
+            and args.second_stage_views is None):
         raise SystemExit("nothing to change: give --detector, --first-stage-only, --max-fp-per-scan (another "
-                         "false-positive budget), --whole-image-max-voxels, --sw-batch-size, --detections-per-image "
-                         "and/or --tta-axes")
-    retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan, args.detector,
-           shape_settings(args), args.first_stage_only)
+                         "false-positive budget), --whole-image-max-voxels, --sw-batch-size, --detections-per-image, "
+                         "--tta-axes and/or --second-stage-views")
+    try:
+        retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan,
+               args.detector, shape_settings(args), args.first_stage_only, args.second_stage_views)
+    except ValueError as e:
+        raise SystemExit(f"train retune: {e}") from e
     return 0
 
 
@@ -151,6 +163,9 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta-axes", choices=("", "0", "1", "2", "01", "02", "12", "012"), metavar="AXES",
                    help="test-time mirror views: every combination of mirrors along these model axes (0 left-right, "
                         "1 front-back, 2 head-foot; '01' is the four views models ship with, '012' eight, '' one)")
+    p.add_argument("--second-stage-views", type=int, choices=VIEWS,
+                   help="copies of each candidate's patch the second stage reads, its logits averaged: 1 as cut, "
+                        "8 mirrored along every axis, 16 also turned in-plane")
     p.add_argument("--eval-seeds", type=int, nargs=2, default=(900040, 900049), metavar=("FIRST", "LAST"),
                    help="tuning phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
