@@ -66,6 +66,17 @@ def test_promotion_refuses_a_worse_model(untrained_model, tmp_path, capsys):
     assert not (registry_dir / "untrained.onnx").exists()
 
 
+def test_an_installed_model_brings_every_file_its_card_names(tmp_path):
+    from lungnode.training.promote import install
+
+    spec = load_model("default")
+    install(spec, tmp_path)
+    installed = load_model(str(tmp_path / f"{spec.info.name}.json"))  # each named file there, sha256-checked
+    assert installed.onnx_path.parent == tmp_path
+    assert (installed.second_stage_path is None) == (spec.second_stage_path is None)
+    assert (installed.int8_onnx_path is None) == (spec.int8_onnx_path is None)
+
+
 def test_a_tie_is_at_least_as_good_even_when_the_sums_round_apart():
     """Two models with the same hits get the same CPM; summed in another order it can differ in the last bit
     (seen: 0.613095238095238 vs 0.6130952380952381). "At least as good" must not turn on that."""

@@ -58,10 +58,10 @@ def decide(candidate: ModelSpec, current: ModelSpec, scans: list[EvalScan], eval
 
 def install(spec: ModelSpec, models_dir: Path) -> None:
     """Copy the model's files into the registry folder (card, ONNX, state dict, human-readable card,
-    second stage)."""
+    second stage, 8-bit network): every file its card names, so it loads from there."""
     card = spec.onnx_path.with_suffix(".json")
     for f in (card, spec.onnx_path, spec.state_dict_path, card.with_suffix(".md"), spec.second_stage_path,
-              spec.second_stage_state_dict_path):
+              spec.second_stage_state_dict_path, spec.int8_onnx_path):
         if f is not None and f.is_file() and f.parent.resolve() != models_dir.resolve():
             shutil.copy2(f, models_dir / f.name)
 
