@@ -54,17 +54,20 @@ def check_views(views: int, patch_size) -> None:
         raise ValueError(f"16 views turn the patch in-plane, which needs a square patch, not {tuple(patch_size)}")
 
 
-def patch_views(patches: np.ndarray, views: int) -> np.ndarray:
-    """(N, I, J, K) patches -> (views, N, I, J, K): the patches as cut first, then mirrored along every
-    combination of the axes (8), then all of those with i and j swapped (16; needs I == J)."""
+def mirrored_and_turned(patches: np.ndarray, views: int):
+    """The ``views`` copies of (N, I, J, K) ``patches``, one (N, I, J, K) array view at a time (no copy):
+    the patches as cut first, then mirrored along every combination of the axes (8), then all of those
+    with i and j swapped (16; needs I == J)."""
     check_views(views, patches.shape[1:])
-    out = []
-    for turn in (False, True):
-        q = patches.transpose(0, 2, 1, 3) if turn else patches
-        for mirrors in range(8):
-            axes = [a + 1 for a in range(3) if mirrors >> a & 1]
-            out.append(np.flip(q, axes) if axes else q)
-    return np.stack(out[:views])
+    for n in range(views):
+        q = patches.transpose(0, 2, 1, 3) if n >= 8 else patches
+        axes = [a + 1 for a in range(3) if n % 8 >> a & 1]
+        yield np.flip(q, axes) if axes else q
+
+
+def patch_views(patches: np.ndarray, views: int) -> np.ndarray:
+    """(N, I, J, K) patches -> (views, N, I, J, K), in ``mirrored_and_turned``'s order."""
+    return np.stack(list(mirrored_and_turned(patches, views)))
 
 
 def fuse(detector_scores: np.ndarray, probabilities: np.ndarray, weight: float) -> np.ndarray:
@@ -108,9 +111,8 @@ class Rescorer:
         patches = patches_at(image, box_centres(boxes), self.stage.patch_size)
         if not len(patches):
             return np.zeros(0)
-        views = patch_views(patches, self.stage.views)
-        flat = views.reshape(-1, 1, *patches.shape[1:])
-        logits = np.concatenate([np.asarray(self.network(np.ascontiguousarray(flat[i : i + BATCH]))).reshape(-1)
-                                 for i in range(0, len(flat), BATCH)])
-        mean = logits.astype(np.float64).reshape(len(views), len(patches)).mean(0)
-        return 1.0 / (1.0 + np.exp(-mean))
+        total = np.zeros(len(patches))
+        for view in mirrored_and_turned(patches, self.stage.views):  # one batch copied at a time, not 16x all
+            batches = (np.ascontiguousarray(view[i : i + BATCH, None]) for i in range(0, len(view), BATCH))
+            total += np.concatenate([np.asarray(self.network(b)).reshape(-1) for b in batches])
+        return 1.0 / (1.0 + np.exp(-total / self.stage.views))
