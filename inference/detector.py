@@ -16,7 +16,7 @@ from torch import nn
 
 from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
 from lungnode.inference.onnx_runtime import create_session, network_precision
-from lungnode.inference.rescoring import Rescorer, fuse
+from lungnode.inference.rescoring import Rescored, Rescorer, fuse
 from lungnode.inference.tta import fuse_views, mirror_boxes
 from lungnode.inference.types import Detection, Volume
 from lungnode.models import zoo_bundle
@@ -220,14 +220,14 @@ class Detector:
     def _rescorer(spec: ModelSpec, backend: str, threads: int, provider: str, precision: str,
                   device: torch.device) -> Rescorer | None:
         """The card's second stage on the same backend as the network, or None."""
-        stage = spec.card.second_stage
+        stage, spacing = spec.card.second_stage, spec.card.inference.spacing_mm
         if stage is None:
             return None
         if backend == "torch":
             if spec.second_stage_state_dict_path is None:
                 raise FileNotFoundError(f"model {spec.info.name} ships no PyTorch state dict for its second stage")
-            return Rescorer.torch(stage, spec.second_stage_state_dict_path, device)
-        return Rescorer.onnx(stage, spec.second_stage_path, threads, provider, precision)
+            return Rescorer.torch(stage, spec.second_stage_state_dict_path, device, spacing)
+        return Rescorer.onnx(stage, spec.second_stage_path, threads, provider, precision, spacing)
 
     def detect(self, volume: Volume, score_threshold: float | None = None) -> list[Detection]:
         """Nodule candidates in LPS mm, highest score first. `score_threshold` overrides the card's
@@ -238,8 +238,8 @@ class Detector:
         found = self.candidates(volume, floor)
         detections = found.detections
         if self.rescorer is not None and detections:
-            probabilities = self.rescorer.probabilities(found.prepared.image.numpy(), found.boxes)
-            detections = rescored(found, probabilities, self.rescorer.stage.min_detector_score, self.rescorer.stage.weight)
+            verdict = self.rescorer.rescore(found.prepared.image.numpy(), found.boxes)
+            detections = rescored(found, verdict, volume, self.rescorer.stage.min_detector_score, self.rescorer.stage.weight)
         return ranked(detections, threshold)
 
     def candidates(self, volume: Volume, floor: float) -> "Candidates":
@@ -303,11 +303,16 @@ class Detector:
         return mask
 
 
-def rescored(found: Candidates, probabilities: np.ndarray, min_detector_score: float, weight: float) -> list[Detection]:
-    """The candidates a second stage rescores (detector score >= its floor), with the fused score."""
-    scores = fuse(found.scores, probabilities, weight)
-    return [replace(d, score=float(s)) for d, s, raw in zip(found.detections, scores, found.scores)
-            if raw >= min_detector_score]
+def rescored(found: Candidates, verdict: Rescored, volume: Volume, min_detector_score: float,
+             weight: float) -> list[Detection]:
+    """The candidates a second stage rescores (detector score >= its floor), with the fused score, at
+    the place the second stage moved them to (if it did)."""
+    scores = fuse(found.scores, verdict.probabilities, weight)
+    out = []
+    for d, box, shift, s, raw in zip(found.detections, verdict.boxes, verdict.shifts, scores, found.scores):
+        if raw >= min_detector_score:
+            out.append(to_detection(box, float(s), found.prepared, volume) if np.any(shift) else replace(d, score=float(s)))
+    return out
 
 
 def ranked(detections: list[Detection], threshold: float) -> list[Detection]:

@@ -88,6 +88,7 @@ class SecondStage(BaseModel):
     weight: float
     min_detector_score: float  # candidates the detector scores below this are not rescored
     views: int = 1  # mirrored/turned copies of each patch whose logits are averaged (inference/rescoring.py)
+    recentre_mm: float = 0.0  # > 0: the classifier has a centre head; candidates move at most this far onto it
     data: str  # the scans its training candidates came from
     training: TrainingInfo
     metrics: dict[str, float | int | str] = {}

@@ -61,8 +61,8 @@ def test_the_classifier_reads_the_mean_logit_over_its_views():
     stage = SecondStage(onnx_file="x", onnx_sha256="0", channels=[1], parameters=0, patch_size=(8, 8, 8), weight=0.5,
                         min_detector_score=0.05, data="", training={"command": "", "config": {}, "iterations": 0,
                                                                     "seconds": 0.0, "device": "cpu"})
-    one = Rescorer(stage, network).probabilities(image, box)
-    two = Rescorer(stage.model_copy(update={"views": 2}), network).probabilities(image, box)
+    one = Rescorer(stage, network).rescore(image, box).probabilities
+    two = Rescorer(stage.model_copy(update={"views": 2}), network).rescore(image, box).probabilities
     np.testing.assert_allclose(one, [1 / (1 + np.exp(2.0))])  # patch[2, 4, 4] = image[8, 10, 10] = 0
     mean_logit = ((0 * 4.0 - 2.0) + (3.0 * 4.0 - 2.0)) / 2  # mirrored along i, patch[2] = image[11, 10, 10] = 3
     np.testing.assert_allclose(two, [1 / (1 + np.exp(-mean_logit))])
@@ -147,6 +147,14 @@ def test_mined_patches_are_labelled_from_the_reference_nodules(mined):
         assert 0 < cand.sum() <= 20 and np.all(z["score"][cand] >= 0.05)
         assert np.all(np.diff(z["score"][cand]) <= 0)  # highest first
         assert np.all((z["diameter_mm"][cand] > 0) == (z["label"][cand] == 1))
+        # Every patch knows where the nearest nodule's centre lies from its centre voxel: a reference patch is
+        # cut at its own nodule (less than half a voxel off), a candidate on a nodule points within its radius.
+        assert np.all(np.abs(z["offset_vox"][ref]) <= 0.5 + 1e-6)
+        on = cand & (z["label"] == 1)
+        np.testing.assert_allclose(z["near_diameter_mm"][on], z["diameter_mm"][on])
+        spacing = np.array(json.loads((mined / "mining.json").read_text())["model_spacing_mm"])
+        near_mm = np.linalg.norm(z["offset_vox"][on] * spacing, axis=1)  # the patch is cut at the rounded voxel:
+        assert np.all(near_mm < z["diameter_mm"][on] / 2 + np.linalg.norm(spacing) / 2)  # half a voxel more
         assert z["patches"].shape[1:] == tuple(s + 4 for s in PATCH)
         # A candidate on a nodule and that nodule's reference patch (cut from its world-mm centre, not from
         # the detector's box) show the same thing: both coordinate paths land on the nodule.
@@ -194,8 +202,8 @@ def test_two_stage_detector_reports_fused_scores_on_both_backends(two_stage):
     ort = Detector(spec, provider="cpu")
     found = ort.candidates(volume, stage.min_detector_score)
     image = found.prepared.image.numpy()
-    p_ort = ort.rescorer.probabilities(image, found.boxes)
-    p_torch = Rescorer.torch(stage, spec.second_stage_state_dict_path).probabilities(image, found.boxes)
+    p_ort = ort.rescorer.rescore(image, found.boxes).probabilities
+    p_torch = Rescorer.torch(stage, spec.second_stage_state_dict_path).rescore(image, found.boxes).probabilities
     np.testing.assert_allclose(p_ort, p_torch, atol=1e-4)
     expected = fuse(found.scores, p_ort, stage.weight)
     reported = ort.detect(volume, score_threshold=0.0)
@@ -237,3 +245,112 @@ def test_candidate_sets_mined_differently_cannot_train_together(tmp_path):
     assert merged["model_sha256"] == "abc" and [f["per_scan"] for f in merged["folders"]] == [40, 20]
     with pytest.raises(ValueError, match="model_sha256"):
         mining_record([tmp_path / "a", tmp_path / "c"])
+
+
+def test_training_offsets_follow_the_patch_through_shift_mirror_and_turn():
+    from lungnode.training.rescorer_fit import augment
+
+    size, margin = np.array([10, 10, 8]), 3
+    padded = np.zeros((40, *(size + 2 * margin)), np.float16)
+    offsets = np.random.default_rng(0).integers(-3, 4, size=(40, 3)).astype(np.float64)
+    for n, d in enumerate(offsets):  # a bright voxel at the nodule centre: the padded patch's centre voxel + offset
+        padded[(n, *(np.array(padded.shape[1:]) // 2 + d.astype(int)))] = 1.0
+    out, seen = augment(padded, size, np.random.default_rng(1), jitter=0.0, offsets=offsets)
+    for x, t in zip(out, seen):
+        where = np.argwhere(x == x.max())
+        if len(where) == 1 and x.max() > 0.5:  # the shift may push the voxel out of the crop
+            np.testing.assert_allclose(where[0] - (size - 1) / 2, t)
+    _, none = augment(padded[:2], size, np.random.default_rng(1), jitter=0.0)
+    assert np.isnan(none).all()  # no nodule, no offset
+
+
+def test_offsets_read_in_a_mirrored_or_turned_copy_map_back_to_the_patch():
+    from lungnode.inference.rescoring import mirrored_and_turned, unturn_offsets
+
+    patch = np.zeros((1, 8, 8, 6), np.float32)
+    patch[0, 6, 2, 1] = 1.0
+    centre = (np.array(patch.shape[1:]) - 1) / 2
+    for n, view in enumerate(mirrored_and_turned(patch, 16)):
+        seen = np.argwhere(view[0])[0] - centre  # where a perfect centre head sees the nodule in this copy
+        np.testing.assert_allclose(unturn_offsets(seen[None], n)[0], np.array([6, 2, 1]) - centre)
+
+
+def _centre_finder(x):
+    """A perfect two-output "classifier": logit = the patch's central 2x2x2 voxels, offset = where its
+    brightest voxel lies from the patch's centre."""
+    centre = (np.array(x.shape[2:]) - 1) / 2
+    mid = tuple(slice(int(c), int(c) + 2) for c in centre)
+    logits = x[(slice(None), 0, *mid)].reshape(len(x), -1).sum(1) * 4.0 - 2.0
+    offsets = np.array([np.unravel_index(np.argmax(p), p.shape) for p in x[:, 0]]) - centre
+    return logits, offsets
+
+
+def test_a_centre_head_moves_the_candidate_onto_the_nodule_and_reads_it_there():
+    image = np.zeros((30, 30, 24), np.float32)
+    image[17, 13, 12] = 1.0  # the nodule centre, 4 voxels from the box's
+    box = np.array([[12.5, 12.5, 11.5, 15.5, 15.5, 14.5]])  # centre (13.5, 13.5, 12.5): between voxels
+    stage = SecondStage(onnx_file="x", onnx_sha256="0", channels=[1], parameters=0, patch_size=(12, 12, 10), weight=0.5,
+                        min_detector_score=0.05, views=16, recentre_mm=6.0, data="",
+                        training={"command": "", "config": {}, "iterations": 0, "seconds": 0.0, "device": "cpu"})
+    got = Rescorer(stage, _centre_finder, spacing_mm=(1.0, 1.0, 1.5)).rescore(image, box)
+    np.testing.assert_allclose(box_centres(got.boxes)[0], [17, 13, 12])  # onto the nodule's voxel
+    np.testing.assert_allclose(got.boxes[0, 3:] - got.boxes[0, :3], box[0, 3:] - box[0, :3])  # same size
+    assert got.probabilities[0] > 0.8  # read again where the nodule is: its patch centre is bright
+    short = Rescorer(stage.model_copy(update={"recentre_mm": 2.0}), _centre_finder, spacing_mm=(1.0, 1.0, 1.5))
+    moved = short.rescore(image, box).shifts[0]
+    assert np.linalg.norm(moved * [1.0, 1.0, 1.5]) == pytest.approx(2.0) and moved[0] > 0  # at most 2 mm, towards it
+    plain = Rescorer(stage.model_copy(update={"recentre_mm": 0.0}), _centre_finder).rescore(image, box)
+    np.testing.assert_array_equal(plain.boxes, box)  # no centre head in the card: no move
+
+
+def _write_offcentre(folder: Path, n_scans: int, per_scan: int, seed: int, margin: int) -> None:
+    """Mined patches with offsets: a sphere up to 3 voxels off the patch centre, or a vessel (no nodule)."""
+    rng = np.random.default_rng(seed)
+    (folder / "scans").mkdir(parents=True)
+    size = np.array(PATCH) + 2 * margin
+    grid = np.stack(np.meshgrid(*[np.arange(s) - s // 2 for s in size], indexing="ij"), -1)
+    for s in range(n_scans):
+        label = (np.arange(per_scan) % 2 == 0).astype(np.uint8)
+        patches, offsets = [], []
+        for v in label:
+            if v:
+                d = rng.integers(-3, 4, size=3).astype(float)
+                x = 0.11 + 0.03 * rng.normal(size=size)
+                x[np.linalg.norm(grid - d, axis=-1) < rng.uniform(2.0, 3.5)] = 0.7
+                patches.append(x.astype(np.float16))
+                offsets.append(d)
+            else:
+                patches.append(_blob_or_tube(rng, tuple(size), False))
+                offsets.append(np.full(3, np.nan))
+        np.savez(folder / "scans" / f"synthetic-{s}.npz", patches=np.stack(patches), label=label,
+                 score=rng.uniform(0.5, 1.0, per_scan).astype(np.float32), kind=np.zeros(per_scan, np.uint8),
+                 diameter_mm=np.where(label == 1, 6.0, 0.0).astype(np.float32),
+                 offset_vox=np.array(offsets, np.float32), near_diameter_mm=np.where(label == 1, 6.0, 0.0).astype(np.float32))
+    (folder / "mining.json").write_text(json.dumps({"model": "synthetic", "model_sha256": "-", "patch_size": list(PATCH),
+                                                    "margin": margin, "floor": 0.05, "per_scan": per_scan,
+                                                    "model_spacing_mm": [1.0, 1.0, 1.5]}))
+
+
+def test_a_centre_head_learns_where_the_nodule_is_and_exports_with_it(tmp_path):
+    from lungnode.models.candidate_classifier import CandidateClassifier, centre_head_cells
+    from lungnode.training.rescorer_attach import export_classifier
+
+    _write_offcentre(tmp_path / "mined", n_scans=12, per_scan=30, seed=5, margin=2)
+    cfg = RescorerConfig(seed=1, channels=[8, 16, 32], batch_size=32, iterations=150, lr=3e-3, warmup_iterations=10,
+                         validation_fraction=0.3, validate_every=150, precision="f32", centre_head=True, near_mm=7.0,
+                         centre_weight=0.3)
+    _write_mined(tmp_path / "old", 2, 6, seed=1, margin=2)  # mined before offsets were recorded
+    (tmp_path / "old" / "mining.json").write_text((tmp_path / "mined" / "mining.json").read_text())
+    with pytest.raises(ValueError, match="mined with nodule offsets"):
+        fit_rescorer(cfg, [tmp_path / "old"], tmp_path / "old-run")
+    state = fit_rescorer(cfg, [tmp_path / "mined"], tmp_path / "run")
+    offsets = np.concatenate([np.load(f)["offset_vox"] for f in (tmp_path / "mined" / "scans").glob("*.npz")])
+    guess_centre_mm = np.nanmean(np.linalg.norm((offsets + 0.5) * [1.0, 1.0, 1.5], axis=1))  # from the crop's centre
+    assert state["validation"]["val_centre_error_mm"] < 0.6 * guess_centre_mm, (state["validation"], guess_centre_mm)
+    assert state["validation"]["val_auc"] >= 0.9 and state["centre_head"]
+    net = CandidateClassifier([8, 16, 32], centre_head_cells(PATCH, [8, 16, 32]))
+    net.load_state_dict(state["network"])
+    assert export_classifier(net, tmp_path / "c.onnx", PATCH) < 1e-4  # both outputs agree with PyTorch
+    import onnx
+
+    assert [o.name for o in onnx.load(str(tmp_path / "c.onnx")).graph.output] == ["logit", "centre"]

@@ -5,7 +5,9 @@ Each scan's patches go to ``OUT/scans/<name>.npz`` as it finishes, so an interru
 where it stopped. Besides the detector's own candidates every reference nodule adds a patch at its
 centre, so a nodule the detector ranked low or missed still teaches the classifier what one looks
 like. Patches are larger than the classifier's input by ``margin`` voxels a side, room for the
-shifts of training augmentation.
+shifts of training augmentation. Each patch also records where the nearest reference nodule's centre
+lies from the patch's centre (model voxels), which teaches a second stage with a centre head
+(``recentre``) to move a candidate the detector placed beside a small nodule onto it.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ KIND_CANDIDATE, KIND_REFERENCE = 0, 1
 
 def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor: float, per_scan: int) -> dict:
     """Arrays for one scan: patches (float16), label (1 = inside a nodule's radius), detector score
-    (-1 for reference patches), kind, diameter of the nodule hit (0 for none)."""
+    (-1 for reference patches), kind, diameter of the nodule hit (0 for none), and the offset (model
+    voxels) from each patch's centre voxel to the nearest nodule's centre with that nodule's diameter
+    (NaN and 0 in a scan without nodules)."""
     loaded = scan.load()
     found = detector.candidates(loaded.volume, floor)
     order = np.argsort(-found.scores, kind="stable")[:per_scan]
@@ -51,13 +55,27 @@ def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor
     centres = np.concatenate([box_centres(found.boxes[order]), ref_centres])
     size = np.asarray(patch_size) + 2 * margin
     patches = patches_at(prepared.image.numpy(), centres, size).astype(np.float16)
+    offset, near = nearest_nodule(centres, ref_centres, [n.size_mm for n in nodules], detector.settings.spacing_mm)
     return {
         "patches": patches,
         "label": np.concatenate([hit > 0, np.ones(len(nodules), bool)]).astype(np.uint8),
         "score": np.concatenate([found.scores[order], -np.ones(len(nodules))]).astype(np.float32),
         "kind": np.concatenate([np.full(len(order), KIND_CANDIDATE), np.full(len(nodules), KIND_REFERENCE)]).astype(np.uint8),
         "diameter_mm": np.concatenate([hit, [n.size_mm for n in nodules]]).astype(np.float32),
+        "offset_vox": offset.astype(np.float32),
+        "near_diameter_mm": near.astype(np.float32),
     }
+
+
+def nearest_nodule(centres: np.ndarray, nodules: np.ndarray, diameters_mm, spacing_mm) -> tuple[np.ndarray, np.ndarray]:
+    """For each patch centre (model voxel index; the patch is cut at its rounded voxel, as
+    ``patches_at`` does): the offset to the nearest nodule centre (by mm) and that nodule's diameter."""
+    at = np.floor(np.asarray(centres, dtype=np.float64).reshape(-1, 3) + 0.5)
+    if not len(nodules):
+        return np.full((len(at), 3), np.nan), np.zeros(len(at))
+    offsets = np.asarray(nodules, dtype=np.float64)[None] - at[:, None]  # (patches, nodules, 3)
+    nearest = np.argmin(np.linalg.norm(offsets * np.asarray(spacing_mm), axis=2), axis=1)
+    return offsets[np.arange(len(at)), nearest], np.asarray(diameters_mm, dtype=np.float64)[nearest]
 
 
 def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, floor: float, per_scan: int) -> Path:

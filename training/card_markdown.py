@@ -45,10 +45,15 @@ def second_stage(card: ModelCard) -> str:
     return (f"- Second stage (false-positive reduction, inference/rescoring.py): a 3D CNN candidate classifier, "
             f"{st.parameters:,} parameters, channels {st.channels}, on a {list(st.patch_size)}-voxel patch centred on "
             f"each candidate the detector scores >= {st.min_detector_score} (`{st.onnx_file}`, sha256 `{st.onnx_sha256}`, "
-            f"PyTorch state dict `{st.state_dict_file}`); {_views(st.views)}"
+            f"PyTorch state dict `{st.state_dict_file}`); {_recentre(st.recentre_mm)}{_views(st.views)}"
             f"reported score = detector^{1 - st.weight:g} x classifier^{st.weight:g}\n"
             f"- Second-stage training: `{st.training.command}` on {st.data}; {st.training.iterations} iterations in "
             f"{st.training.seconds / 60:.0f} min on {st.training.device}; {_pairs(st.metrics)}\n")
+
+
+def _recentre(recentre_mm: float) -> str:
+    return "" if recentre_mm <= 0 else (f"its centre head moves each candidate (at most {recentre_mm:g} mm) onto the "
+                                        "nodule centre it finds, where the patch is read again; ")
 
 
 def _views(views: int) -> str:

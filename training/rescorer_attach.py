@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lungnode.inference.detector import Detector, ranked, rescored
 from lungnode.inference.rescoring import VIEWS, Rescorer, check_views
-from lungnode.models.candidate_classifier import CandidateClassifier
+from lungnode.models.candidate_classifier import CandidateClassifier, centre_head_cells
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
 from lungnode.training.eval_sets import EvalScan, outline_note, phantom_scans, shape_settings
@@ -32,22 +32,27 @@ from lungnode.training.froc import candidates_from_detections, evaluate_froc
 from lungnode.training.synth import GENERATOR_VERSION, add_shape_arguments
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+RECENTRE_MM = 6.0  # the detector's boxes for 4-6 mm nodules were seen 2.6-4.5 mm off their centres
 
 
 def export_classifier(net: CandidateClassifier, path: Path, patch_size) -> float:
-    """ONNX file with a dynamic batch; returns the largest |ORT - PyTorch| on a batch of 3."""
+    """ONNX file with a dynamic batch (outputs: logit, and centre with a centre head); returns the
+    largest |ORT - PyTorch| over the outputs on a batch of 3."""
     import onnxruntime as ort
 
     net.eval()
+    outputs = ["logit"] if net.centre is None else ["logit", "centre"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.rand(2, 1, *patch_size),), str(path), input_names=["patch"],
-                          output_names=["logit"], opset_version=OPSET,
-                          dynamic_axes={"patch": {0: "batch"}, "logit": {0: "batch"}}, dynamo=False)
+                          output_names=outputs, opset_version=OPSET,
+                          dynamic_axes={"patch": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, dynamo=False)
     x = torch.rand(3, 1, *patch_size, generator=torch.Generator().manual_seed(0))
-    ort_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"patch": x.numpy()})[0]
+    ort_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"patch": x.numpy()})
     with torch.no_grad():
-        return float(np.abs(ort_out - net(x).numpy()).max())
+        torch_out = net(x)
+    torch_out = torch_out if isinstance(torch_out, tuple) else (torch_out,)
+    return max(float(np.abs(o - t.numpy()).max()) for o, t in zip(ort_out, torch_out))
 
 
 def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan], threshold: float):
@@ -57,14 +62,15 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
         loaded = scan.load()
         started = time.perf_counter()
         found = detector.candidates(loaded.volume, EVAL_SCORE_FLOOR)
-        prob = rescorer.probabilities(found.prepared.image.numpy(), found.boxes)
-        per_scan.append((scan, loaded, found, prob, time.perf_counter() - started))
+        verdict = rescorer.rescore(found.prepared.image.numpy(), found.boxes)
+        per_scan.append((scan, loaded, found, verdict, time.perf_counter() - started))
     cpms, outcomes = {}, {}
     for w in WEIGHTS:
         results = []
-        for scan, loaded, found, prob, seconds in per_scan:
+        for scan, loaded, found, verdict, seconds in per_scan:
             # w = 0 is the detector alone, as `train eval` scores it: every candidate down to the floor
-            dets = ranked(rescored(found, prob, rescorer.stage.min_detector_score, w) if w > 0 else found.detections, 0.0)
+            dets = ranked(rescored(found, verdict, loaded.volume, rescorer.stage.min_detector_score, w) if w > 0
+                          else found.detections, 0.0)
             results.append(ScanResult(scan.name, candidates_from_detections(scan.series_uid, dets),
                                       list(loaded.annotations), list(loaded.excluded), seconds))
         froc = evaluate_froc([c for r in results for c in r.candidates], [a for r in results for a in r.nodules],
@@ -76,9 +82,10 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
 
 
 def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None, tuning=None, views: int = 1) -> Path:
+           max_fp_per_scan: float | None, tuning=None, views: int = 1, recentre_mm: float = RECENTRE_MM) -> Path:
     """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own;
-    ``views``: copies of each patch the classifier reads (inference/rescoring.py)."""
+    ``views``: copies of each patch the classifier reads (inference/rescoring.py); ``recentre_mm``: the
+    furthest a classifier with a centre head moves a candidate."""
     first = load_model(model)
     if first.card.second_stage is not None:
         raise ValueError(f"{first.info.name} already has a second stage: attach to its first-stage model")
@@ -92,7 +99,8 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     if overlap:
         raise ValueError(f"evaluation seeds overlap the classifier's training seeds: {sorted(overlap)[:5]}...")
     check_views(views, ckpt["patch_size"])
-    net = CandidateClassifier(ckpt["channels"])
+    centre_head = bool(ckpt.get("centre_head"))
+    net = CandidateClassifier(ckpt["channels"], centre_head_cells(ckpt["patch_size"], ckpt["channels"]) if centre_head else 0)
     net.load_state_dict(ckpt["network"])
     out.parent.mkdir(parents=True, exist_ok=True)
     name = out.name
@@ -118,7 +126,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
         onnx_file=stage_onnx.name, onnx_sha256=sha256_file(stage_onnx),
         state_dict_file=stage_pt.name, state_dict_sha256=sha256_file(stage_pt),
         channels=list(ckpt["channels"]), parameters=sum(p.numel() for p in net.parameters()),
-        patch_size=tuple(ckpt["patch_size"]), views=views, weight=0.5, min_detector_score=float(mining["floor"]), data=data,
+        patch_size=tuple(ckpt["patch_size"]), views=views, recentre_mm=recentre_mm if centre_head else 0.0, weight=0.5, min_detector_score=float(mining["floor"]), data=data,
         training=TrainingInfo(command=fit_command.read_text().strip() if fit_command.is_file() else "", config=cfg,
                               iterations=int(ckpt["iteration"]), seconds=round(float(ckpt["seconds"]), 1),
                               device=f"cpu ({cfg['threads']} threads)"),
@@ -150,7 +158,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
 def _run(args: argparse.Namespace) -> int:
     attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan,
-           shape_settings(args), args.views)
+           shape_settings(args), args.views, args.recentre_mm)
     return 0
 
 
@@ -167,5 +175,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", type=int, choices=VIEWS, default=1,
                    help="copies of each candidate's patch the classifier reads, its logits averaged: 1 as cut, "
                         "8 mirrored along every axis, 16 also turned in-plane (default: 1)")
+    p.add_argument("--recentre-mm", type=float, default=RECENTRE_MM,
+                   help="with a classifier that has a centre head (fit-rescorer centre_head): the furthest it moves "
+                        f"a candidate onto the nodule centre it finds (default {RECENTRE_MM:g})")
     add_shape_arguments(p)  # tuning phantoms with the training patients' real outlines
     p.set_defaults(func=_run)
