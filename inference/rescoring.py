@@ -170,7 +170,10 @@ class Rescorer:
             size = np.asarray(self.stage.patch_size)
             patch_centres = np.floor(centres + 0.5) - size // 2 + (size - 1) / 2
             shifts = limit_shifts(patch_centres + offsets - centres, self.spacing_mm, self.stage.recentre_mm)
-            logits, _ = self.read(image, centres + shifts)
+            # A patch is cut at the rounded voxel: only a candidate that moved to another voxel is read again.
+            moved = np.any(np.floor(centres + shifts + 0.5) != np.floor(centres + 0.5), axis=1)
+            if moved.any():
+                logits[moved], _ = self.read(image, (centres + shifts)[moved])
         moved = boxes + np.concatenate([shifts, shifts], axis=1)
         return Rescored(1.0 / (1.0 + np.exp(-logits)), moved, shifts)
 
