@@ -354,3 +354,17 @@ def test_a_centre_head_learns_where_the_nodule_is_and_exports_with_it(tmp_path):
     import onnx
 
     assert [o.name for o in onnx.load(str(tmp_path / "c.onnx")).graph.output] == ["logit", "centre"]
+    # Both backends load the two-output classifier from a card and move the same candidates the same way.
+    import torch
+
+    torch.save(net.state_dict(), tmp_path / "c.pt")
+    stage = SecondStage(onnx_file="c.onnx", onnx_sha256="0", channels=[8, 16, 32], parameters=0, patch_size=PATCH,
+                        weight=0.5, min_detector_score=0.05, views=16, recentre_mm=6.0, data="",
+                        training={"command": "", "config": {}, "iterations": 0, "seconds": 0.0, "device": "cpu"})
+    image = np.load(next((tmp_path / "mined" / "scans").glob("*.npz")))["patches"][0].astype(np.float32)
+    boxes = np.array([[4.0, 4.0, 3.0, 9.0, 9.0, 8.0], [8.0, 7.0, 6.0, 12.0, 11.0, 9.0]])
+    by_ort = Rescorer.onnx(stage, tmp_path / "c.onnx", provider="cpu", spacing_mm=(1.0, 1.0, 1.5)).rescore(image, boxes)
+    by_torch = Rescorer.torch(stage, tmp_path / "c.pt", spacing_mm=(1.0, 1.0, 1.5)).rescore(image, boxes)
+    np.testing.assert_allclose(by_ort.boxes, by_torch.boxes, atol=1e-3)
+    np.testing.assert_allclose(by_ort.probabilities, by_torch.probabilities, atol=1e-4)
+    assert np.any(by_ort.shifts != 0)  # the trained head moved them
