@@ -171,11 +171,10 @@ class Rescorer:
             patch_centres = np.floor(centres + 0.5) - size // 2 + (size - 1) / 2
             shifts = limit_shifts(patch_centres + offsets - centres, self.spacing_mm, self.stage.recentre_mm)
             # A patch is cut at the rounded voxel: only a candidate that moved to another voxel is read again.
-            moved = np.any(np.floor(centres + shifts + 0.5) != np.floor(centres + 0.5), axis=1)
-            if moved.any():
-                logits[moved], _ = self.read(image, (centres + shifts)[moved])
-        moved = boxes + np.concatenate([shifts, shifts], axis=1)
-        return Rescored(1.0 / (1.0 + np.exp(-logits)), moved, shifts)
+            new_voxel = np.any(np.floor(centres + shifts + 0.5) != np.floor(centres + 0.5), axis=1)
+            if new_voxel.any():
+                logits[new_voxel], _ = self.read(image, (centres + shifts)[new_voxel])
+        return Rescored(1.0 / (1.0 + np.exp(-logits)), boxes + np.concatenate([shifts, shifts], axis=1), shifts)
 
 
 def limit_shifts(shifts: np.ndarray, spacing_mm, limit_mm: float) -> np.ndarray:

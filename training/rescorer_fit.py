@@ -7,8 +7,9 @@ mining margin, mirrored on every axis and turned 90 degrees in-plane (the in-pla
 square), so the classifier learns shape, not place. With ``centre_head`` the network also learns where
 the nearest nodule's centre lies from the patch centre (its offset follows every shift, mirror and
 turn), and a patch is a nodule's when that centre lies within the nodule's radius or ``near_mm``,
-whichever is larger: at inference the candidate is moved by the offset and scored again there. Writes ``OUT/checkpoint.pt``, ``OUT/config.yaml``
-and ``OUT/train_log.jsonl`` (loss; validation loss and ROC AUC every ``validate_every`` iterations).
+whichever is larger: at inference the candidate is moved by the offset and scored again there.
+Writes ``OUT/checkpoint.pt``, ``OUT/config.yaml`` and ``OUT/train_log.jsonl`` (loss; validation loss and
+ROC AUC every ``validate_every`` iterations).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def augment(patches: np.ndarray, size: np.ndarray, rng: np.random.Generator, jit
     for n, p in enumerate(patches):
         o = np.array([int(rng.integers(0, 2 * m + 1)) for m in margin])
         x = p[o[0] : o[0] + size[0], o[1] : o[1] + size[1], o[2] : o[2] + size[2]].astype(np.float32)
-        t = offsets[n] + padded // 2 - o - (size - 1) / 2
+        t = offsets_in_crop(offsets[n], padded, o, size)
         axes = [a for a in range(3) if rng.random() < 0.5]
         if axes:
             x = np.flip(x, axes)
@@ -118,6 +119,12 @@ def augment(patches: np.ndarray, size: np.ndarray, rng: np.random.Generator, jit
         out[n] = x * rng.uniform(1 - jitter, 1 + jitter) + rng.uniform(-jitter, jitter)
         seen[n] = t
     return out, seen
+
+
+def offsets_in_crop(offsets: np.ndarray, padded: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Mined offsets (from a ``padded`` patch's centre voxel) as seen from the geometric centre of its
+    crop of ``size`` starting at ``start``."""
+    return offsets + padded // 2 - start - (size - 1) / 2
 
 
 def centre_crop(patches: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -149,28 +156,26 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def predict(net: CandidateClassifier, patches: np.ndarray, batch: int = 128) -> np.ndarray:
-    """Logits for already-cropped (N, I, J, K) patches."""
+def predict(net: CandidateClassifier, patches: np.ndarray, batch: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits for already-cropped (N, I, J, K) patches, and with a centre head the (N, 3) offsets."""
     net.eval()
+    logits, centres = [], []
     with torch.no_grad():
-        out = [logits_of(net(torch.from_numpy(patches[i : i + batch])[:, None])).float().numpy()
-               for i in range(0, len(patches), batch)]
+        for i in range(0, len(patches), batch):
+            out = net(torch.from_numpy(patches[i : i + batch])[:, None])
+            logits.append(logits_of(out).float().numpy())
+            if isinstance(out, tuple):
+                centres.append(out[1].float().numpy())
     net.train()
-    return np.concatenate(out) if out else np.zeros(0)
+    return (np.concatenate(logits) if logits else np.zeros(0)), (np.concatenate(centres) if centres else None)
 
 
-def centre_error_mm(net: CandidateClassifier, patches: np.ndarray, targets: np.ndarray, label: np.ndarray,
-                    spacing_mm: np.ndarray, batch: int = 128) -> float:
+def centre_error_mm(predicted: np.ndarray, targets: np.ndarray, label: np.ndarray, spacing_mm: np.ndarray) -> float:
     """Mean distance (mm) between the predicted and the true nodule centre over the nodules' patches."""
-    chosen = np.flatnonzero(label == 1)
-    if not len(chosen):
+    chosen = label == 1
+    if not chosen.any():
         return float("nan")
-    net.eval()
-    with torch.no_grad():
-        pred = np.concatenate([net(torch.from_numpy(patches[chosen[i : i + batch]])[:, None])[1].float().numpy()
-                               for i in range(0, len(chosen), batch)])
-    net.train()
-    return float(np.linalg.norm((pred - targets[chosen]) * spacing_mm, axis=1).mean())
+    return float(np.linalg.norm((predicted[chosen] - targets[chosen]) * spacing_mm, axis=1).mean())
 
 
 def logits_of(output) -> torch.Tensor:
@@ -208,7 +213,7 @@ def fit_rescorer(cfg: RescorerConfig, candidates: list[Path], out: Path, command
         if data.offset is None:
             raise ValueError("centre_head needs candidates mined with nodule offsets: run `lungnode train candidates` again")
         padded = np.array(data.patches.shape[1:])
-        centred = data.offset + padded // 2 - (padded - size) // 2 - (size - 1) / 2  # as the centre crop sees them
+        centred = offsets_in_crop(data.offset, padded, (padded - size) // 2, size)  # as the centre crop sees them
         labels, centred_targets = centre_targets(centred, data.near_diameter_mm, size, spacing, cfg.near_mm)
         labels = labels.astype(np.uint8)
     is_val = split_scans(data.names, cfg.validation_fraction)[data.scan]
@@ -260,12 +265,12 @@ def fit_rescorer(cfg: RescorerConfig, candidates: list[Path], out: Path, command
                 row = {"iteration": it + 1, "loss": round(float(np.mean(window)), 4), "seconds": round(time.monotonic() - t0, 1)}
                 window.clear()
                 if len(val_idx):
-                    v = predict(net, val_x)
+                    v, centres = predict(net, val_x)
                     vloss = torch.nn.functional.binary_cross_entropy_with_logits(
                         torch.from_numpy(v), torch.from_numpy(val_y.astype(np.float32))).item()
                     row.update(val_loss=round(vloss, 4), val_auc=round(roc_auc(val_y, v), 4))
                     if cfg.centre_head:
-                        row["val_centre_error_mm"] = round(centre_error_mm(net, val_x, centred_targets[val_idx], val_y, spacing), 2)
+                        row["val_centre_error_mm"] = round(centre_error_mm(centres, centred_targets[val_idx], val_y, spacing), 2)
                 log_rows.append(row)
                 logf.write(json.dumps(row) + "\n")
                 logf.flush()
