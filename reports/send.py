@@ -3,6 +3,7 @@ delivery queued and retries with backoff, so nothing is lost while the PACS is d
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pydicom
@@ -18,6 +19,20 @@ class SendError(RuntimeError):
     pass
 
 
+def _await_reactor_resumed(assoc, limit_s: float = 1.0) -> None:
+    """Wait until the association's reactor thread has woken from the pause of the last C-STORE.
+
+    pynetdicom 3.0 pauses its reactor for each request and checks only that it *is* paused: sent
+    straight after the previous one, the next request can go out while the reactor still sleeps from
+    the last pause; it then wakes, takes that request's response off the queue as if it were a new
+    request ("Received unexpected C-STORE service message") and the send waits out the DIMSE timeout.
+    Seen once in ~260 back-to-back C-STOREs on a busy 2-core machine (pydicom/pynetdicom#875 is the same
+    race with C-FIND)."""
+    deadline = time.monotonic() + limit_s
+    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
 def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: float = 30.0) -> int:
     """C-STORE every file over one association; all must succeed. Returns the number sent."""
     datasets = [pydicom.dcmread(p) for p in paths]
@@ -30,6 +45,7 @@ def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: fl
         raise SendError(f"cannot associate with {peer}: association rejected, aborted or never connected")
     try:
         for path, ds in zip(paths, datasets):
+            _await_reactor_resumed(assoc)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
