@@ -132,9 +132,10 @@ def test_training_and_evaluation_phantoms_take_real_outlines_from_their_settings
     from argparse import Namespace
 
     from lungnode.training.eval_sets import from_arguments
+    from lungnode.training.synth import GENERATOR_VERSION
     _, described = from_arguments(Namespace(phantoms=[(5, 5)], nodule_shapes=path, shape_split="all",
                                             real_shape_fraction=1.0))
-    assert described == f"phantoms 5-5 with 100% real outlines (all split of {path})"
+    assert described == f"phantoms 5-5 (generator {GENERATOR_VERSION}) with 100% real outlines (all split of {path})"
 
 
 def test_candidates_are_mined_on_phantoms_with_real_outlines(tmp_path):

@@ -14,7 +14,7 @@ from lungnode.inference.types import Volume
 from lungnode.inference.volume import load_any
 from lungnode.training.froc import Annotation, load_luna16_csv
 from lungnode.training.importers.datalist import image_path
-from lungnode.training.synth import add_shape_arguments
+from lungnode.training.synth import GENERATOR_VERSION, add_shape_arguments
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def from_arguments(args) -> tuple[list[EvalScan], str]:
         scans = [scan for first, last in args.phantoms for scan in phantom_scans(first, last, settings)]
         if len({s.name for s in scans}) != len(scans):
             raise SystemExit("--phantoms ranges overlap: give each seed once")
-        return scans, "phantoms " + ", ".join(f"{first}-{last}" for first, last in args.phantoms) + shape_note(settings)
+        seeds = ", ".join(f"{first}-{last}" for first, last in args.phantoms)
+        return scans, f"phantoms {seeds} (generator {GENERATOR_VERSION})" + shape_note(settings)
     if args.datalist:
         return datalist_scans(args.datalist, args.section), f"{args.datalist} [{args.section}]"
     if args.annotations is None:

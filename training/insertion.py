@@ -28,6 +28,7 @@ from lungnode.training.synth import (
     ATTACHMENTS,
     KINDS,
     NoduleModel,
+    PARENCHYMA_HU,
     NoduleSpec,
     add_nodules,
     nodule_field,
@@ -35,7 +36,6 @@ from lungnode.training.synth import (
     write_nifti_image,
 )
 
-PARENCHYMA_HU = -600.0  # below: aerated lung
 TISSUE_HU = -300.0  # above: vessel, wall, mediastinum
 _DIRECTIONS = np.array([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if a or b or c], float)
 _DIRECTIONS /= np.linalg.norm(_DIRECTIONS, axis=1, keepdims=True)

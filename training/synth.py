@@ -32,10 +32,15 @@ KINDS = ("solid", "part-solid", "ground-glass")
 # 2: vessel branches that stop at full width taper to a point instead of ending in a round cap.
 # 3: airways taper to a point too (no hollow round caps), and their walls scale with the lumen
 #    (18-30 % of its radius, not a fixed 1.2-2.2 mm that made small bronchi thick rings).
-GENERATOR_VERSION = 3
+# 4: a nodule is placed only where it shows: at least half of it on aerated lung, and an isolated one
+#    ("none") on aerated lung with its surroundings clear, as insertion into real CT does. Before, a
+#    nodule could land inside a large vessel and be labelled where nothing but the vessel is seen.
+GENERATOR_VERSION = 4
 ATTACHMENTS = ("none", "pleural", "vascular")
 _KIND_WEIGHTS = {"solid": 0.6, "part-solid": 0.2, "ground-glass": 0.2}
 _ATTACHMENT_WEIGHTS = {"none": 0.4, "pleural": 0.3, "vascular": 0.3}
+PARENCHYMA_HU = -600.0  # below: aerated lung (a nodule drawn there shows against it)
+MIN_VISIBLE_FRACTION = 0.5  # of a nodule's volume on aerated lung, else the image shows something else
 
 
 @dataclass(frozen=True)
@@ -660,9 +665,33 @@ def _place_nodule(rng, grid: Grid, anat: _Anatomy, body: _Body, r: float, attach
                 c = p
                 if not grid.inside(anat.lung, c + (reach + 1.5) * _SPHERE).all():
                     continue
+        if not _shows(grid, anat, c, r, isolated=attachment == "none"):
+            continue
         if all(np.linalg.norm(c - q) > r + rq + 4.0 for q, rq in taken):
             return c
     return None
+
+
+def _shows(grid: Grid, anat: "_Anatomy", c: np.ndarray, r: float, *, isolated: bool) -> bool:
+    """Whether a nodule at c would be seen as one: at least MIN_VISIBLE_FRACTION of its volume (the
+    centre and two inner shells) on aerated lung; an isolated one also centred on aerated lung with
+    80 % of a ring around it clear (the rule insertion into real CT uses). Drawn onto a large vessel it
+    would only brighten the vessel, and a reader would see a vessel where the label says nodule."""
+    def aerated(points: np.ndarray) -> np.ndarray:
+        kji = grid.index(points)
+        ok = np.all((kji >= 0) & (kji < np.asarray(grid.shape)), axis=-1)
+        out = np.zeros(len(points), bool)
+        k, j, i = kji[ok].T
+        out[ok] = anat.lung[k, j, i] & (anat.hu[k, j, i] < PARENCHYMA_HU)
+        return out
+
+    inner = np.concatenate([c[None], c + 0.45 * r * _SPHERE, c + 0.85 * r * _SPHERE])
+    if aerated(inner).mean() < MIN_VISIBLE_FRACTION:
+        return False
+    if isolated:
+        ring = c + (r * 1.25 + 2.5) * _SPHERE
+        return bool(aerated(c[None])[0]) and aerated(ring).mean() >= 0.8
+    return True
 
 
 @dataclass(frozen=True)
