@@ -12,6 +12,7 @@ from lungnode.models.registry import REGISTRY_FILE, load_model
 from lungnode.models.retinanet import NetConfig, build_network
 from lungnode.training.export import export
 from lungnode.training.fit import load_config
+from lungnode.training.synth import GENERATOR_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 HELD_OUT = ["990001", "990002"]  # far from the training seeds in configs/train_cpu.yaml
@@ -26,6 +27,8 @@ def test_eval_on_held_out_phantoms_prints_froc_and_writes_plot(tmp_path, capsys)
     assert "LUNA16 FROC" in printed and "phantom-990001" in printed and "phantom-990002" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["heldout_cpm"] <= 1.0 and metrics["heldout_scans"] == 2
+    # the metrics say which scans they come from, generator included (a new generator draws other phantoms)
+    assert metrics["heldout_set"] == f"phantoms 990001-990001, 990002-990002 (generator {GENERATOR_VERSION})"
     assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "candidates.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
 

@@ -159,21 +159,22 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     detector = Detector(spec, backend=args.backend, provider=args.onnx_provider, precision=args.onnx_precision,
                         device=args.torch_device)
-    scans, _ = eval_sets.from_arguments(args)
+    scans, described = eval_sets.from_arguments(args)
     outcome = evaluate(detector, scans, bootstraps=args.bootstraps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threshold = spec.card.inference.score_threshold
-    print(f"\n{spec.info.name} {spec.info.version} on {args.name}")
+    print(f"\n{spec.info.name} {spec.info.version} on {args.name}: {described}")
     print(scan_table(outcome.rows, threshold))
-    report = [f"# {spec.info.name} {spec.info.version} on {args.name}", "", "```", scan_table(outcome.rows, threshold), "```"]
+    report = [f"# {spec.info.name} {spec.info.version} on {args.name}", "", described, "", "```",
+              scan_table(outcome.rows, threshold), "```"]
     if outcome.froc is not None:
         print("\nLUNA16 FROC (all candidates):\n" + size_table(outcome.froc))
         plot_froc(outcome.froc, out / "froc.png", title=f"{spec.info.name} on {args.name}")
         report += ["", markdown_table(outcome.froc), "", "![FROC](froc.png)"]
         print(f"FROC plot: {out / 'froc.png'}")
     save_candidates_csv(outcome.candidates, out / "candidates.csv")
-    metrics = outcome.metrics(args.name)
+    metrics = {f"{args.name}_set": described, **outcome.metrics(args.name)}  # which scans (and generator) they are
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "report.md").write_text("\n".join(report) + "\n")
     if args.update_card:
