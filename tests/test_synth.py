@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from scipy import ndimage
 
 from lungnode.training.synth import (
+    GENERATOR_VERSION,
     Phantom,
     add_command,
     generate_dataset,
@@ -169,10 +170,11 @@ def test_datalist_matches_the_phantoms(tmp_path, capsys):
                               "--spacing", "2.8", "2.8", "5.0"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "2 phantoms" in out and str(tmp_path) in out
+    assert f"2 phantoms (generator {GENERATOR_VERSION})" in out and str(tmp_path) in out
     data = json.loads((tmp_path / "datalist.json").read_text())
     assert len(data["training"]) == 2
     for idx, e in enumerate(data["training"]):
+        assert e["generator"] == GENERATOR_VERSION
         ph = make_phantom(phantom_seed(5, idx), spacing=(2.8, 2.8, 5.0))
         assert (tmp_path / e["image"]).is_file() and not Path(e["image"]).is_absolute()
         assert len(e["box"]) == len(e["label"]) == len(e["diameter_mm"]) == len(e["kind"]) == len(ph.nodules)

@@ -1049,6 +1049,7 @@ def generate_dataset(out_dir: Path, n: int, seed: int, *, fmt: str = "nifti",
             "kind": [nod.kind for nod in ph.nodules],
             "attachment": [nod.attachment for nod in ph.nodules],
             "seed": s,
+            "generator": GENERATOR_VERSION,  # the same seed draws another phantom under another generator
         })
     datalist = out_dir / "datalist.json"
     datalist.write_text(json.dumps({"training": entries}, indent=1))
@@ -1072,8 +1073,10 @@ def summarize(datalist: Path, what: str = "phantoms") -> str:
     attach = Counter(a for e in entries for a in e["attachment"])
     total = sum(kinds.values())
     order = ["<6 mm", "6-10 mm", "10-20 mm", ">=20 mm"]
+    generators = sorted({e["generator"] for e in entries if "generator" in e})
+    made = f" (generator {', '.join(map(str, generators))})" if generators else ""
     return "\n".join([
-        f"{len(entries)} {what}, {total} nodules, written under {Path(datalist).parent}",
+        f"{len(entries)} {what}{made}, {total} nodules, written under {Path(datalist).parent}",
         "  by size:       " + ", ".join(f"{b} {sizes[b]}" for b in order),
         "  by kind:       " + ", ".join(f"{k} {kinds[k]}" for k in KINDS),
         "  by attachment: " + ", ".join(f"{a} {attach[a]}" for a in ATTACHMENTS),
