@@ -26,8 +26,7 @@ def _await_reactor_resumed(assoc, limit_s: float = 1.0) -> None:
     straight after the previous one, the next request can go out while the reactor still sleeps from
     the last pause; it then wakes, takes that request's response off the queue as if it were a new
     request ("Received unexpected C-STORE service message") and the send waits out the DIMSE timeout.
-    Seen once in ~260 back-to-back C-STOREs on a busy 2-core machine (pydicom/pynetdicom#875 is the same
-    race with C-FIND)."""
+    Seen in CI on a busy 2-core machine (pydicom/pynetdicom#875 is the same race with C-FIND)."""
     deadline = time.monotonic() + limit_s
     while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.0001)
