@@ -92,11 +92,15 @@ class Grid:
 
     def inside(self, mask: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Whether world points (..., 3) fall on True voxels of mask (False off the grid)."""
+        return self.lookup(mask, p, False)
+
+    def lookup(self, values: np.ndarray, p: np.ndarray, off_grid) -> np.ndarray:
+        """The voxel values at world points (..., 3); ``off_grid`` where a point misses the grid."""
         kji = self.index(p)
         ok = np.all((kji >= 0) & (kji < np.asarray(self.shape)), axis=-1)
-        out = np.zeros(ok.shape, bool)
+        out = np.full(ok.shape, off_grid, dtype=values.dtype)
         kji = kji[ok]
-        out[ok] = mask[kji[:, 0], kji[:, 1], kji[:, 2]]
+        out[ok] = values[kji[:, 0], kji[:, 1], kji[:, 2]]
         return out
 
     def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
@@ -678,12 +682,7 @@ def _shows(grid: Grid, anat: "_Anatomy", c: np.ndarray, r: float, *, isolated: b
     80 % of a ring around it clear (the rule insertion into real CT uses). Drawn onto a large vessel it
     would only brighten the vessel, and a reader would see a vessel where the label says nodule."""
     def aerated(points: np.ndarray) -> np.ndarray:
-        kji = grid.index(points)
-        ok = np.all((kji >= 0) & (kji < np.asarray(grid.shape)), axis=-1)
-        out = np.zeros(len(points), bool)
-        k, j, i = kji[ok].T
-        out[ok] = anat.lung[k, j, i] & (anat.hu[k, j, i] < PARENCHYMA_HU)
-        return out
+        return grid.inside(anat.lung, points) & (grid.lookup(anat.hu, points, 0) < PARENCHYMA_HU)
 
     inner = np.concatenate([c[None], c + 0.45 * r * _SPHERE, c + 0.85 * r * _SPHERE])
     if aerated(inner).mean() < MIN_VISIBLE_FRACTION:
