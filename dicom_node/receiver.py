@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -173,6 +174,8 @@ class AcceptorPolicy:
 
 class _Association:
     """One association, from A-ASSOCIATE-RQ to release or abort."""
+
+    tls: bool = False  # it came over TLS (set by the handler, for the audit trail)
 
     def __init__(self, sock: socket.socket, policy: AcceptorPolicy, on_store: StoreHandler,
                  slots: threading.BoundedSemaphore) -> None:
@@ -368,24 +371,54 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: Acceptor = self.server  # type: ignore[assignment]
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _Association(self.request, server.policy, server.on_store, server.slots).run()
+        sock = self.request
+        if server.ssl_context is not None:
+            sock = self._handshake(server.ssl_context, server.policy.network_timeout)
+            if sock is None:
+                return
+        association = _Association(sock, server.policy, server.on_store, server.slots)
+        association.tls = sock is not self.request
+        try:
+            association.run()
+        finally:
+            if association.tls:  # socketserver shuts down and closes the plain socket, which TLS took over
+                server.shutdown_request(sock)
+
+    def _handshake(self, context: ssl.SSLContext, limit: float) -> ssl.SSLSocket | None:
+        """The TLS handshake, here on the association's own thread, all of it within `limit` seconds (the
+        socket timeout bounds the whole handshake); None, logged, when it fails or runs out of time."""
+        peer = self.client_address[0]
+        self.request.settimeout(limit)
+        try:
+            sock = context.wrap_socket(self.request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # TimeoutError too: a caller that connects and says nothing
+            log.warning("TLS handshake with %s failed: %s", peer, exc or type(exc).__name__)
+            return None
+        subject = dict(item for rdn in (sock.getpeercert() or {}).get("subject", ()) for item in rdn)
+        log.info("TLS from %s: %s %s, client certificate %s", peer, sock.version(), sock.cipher()[0],
+                 subject.get("commonName", "none"))
+        return sock
 
 
 class Acceptor(socketserver.ThreadingTCPServer):
-    """Listens on (host, port); each connection is an association served on its own thread."""
+    """Listens on (host, port); each connection is an association served on its own thread, over TLS
+    when given an SSL context (the handshake then runs on that thread too, never in the accept loop)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], policy: AcceptorPolicy, on_store: StoreHandler) -> None:
+    def __init__(self, address: tuple[str, int], policy: AcceptorPolicy, on_store: StoreHandler,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.policy = policy
         self.on_store = on_store
+        self.ssl_context = ssl_context
         self.slots = threading.BoundedSemaphore(policy.max_associations)
         super().__init__(address, _Handler)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, name="dicom-acceptor", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True,
+                                        name="dicom-tls-acceptor" if self.ssl_context else "dicom-acceptor")
         self._thread.start()
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 Every instance is journalled durably and indexed before Success goes back, then filed; a file we cannot
 parse gets a failure status (with the reason as Error Comment) and is kept in quarantine; a full disk
-answers "out of resources" so the PACS retries. The association layer is `receiver.Acceptor`.
+answers "out of resources" so the PACS retries. The association layer is `receiver.Acceptor`: one on
+`dicom_port`, and one for DICOM TLS on `dicom_tls_port` when that is set.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from lungnode.dicom_node.db import InstanceRecord, JobDB
 from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
 from lungnode.dicom_node.storage import InstanceStore, digest, write_atomically
+from lungnode.dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.db = db
-        self._server: Acceptor | None = None
+        self._servers: list[Acceptor] = []
         self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync)
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
@@ -76,15 +78,21 @@ class StorageSCP:
     def start(self) -> None:
         self.journal.replay()
         self.journal.start()
-        self._server = Acceptor((self.settings.dicom_host, self.settings.dicom_port), self.policy, self._on_store)
-        self._server.start()
-        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, self.settings.dicom_host,
-                 self.settings.dicom_port)
+        s = self.settings
+        listeners = [(s.dicom_port, None)]
+        if s.dicom_tls_port is not None:
+            listeners.append((s.dicom_tls_port, server_context(s.tls_cert, s.tls_key, s.tls_ca)))
+        for port, context in listeners:
+            server = Acceptor((s.dicom_host, port), self.policy, self._on_store, context)
+            server.start()
+            self._servers.append(server)
+            log.info("DICOM SCP %s listening on %s:%d%s", s.ae_title, s.dicom_host, port,
+                     "" if context is None else " (TLS, client certificates " +
+                     ("required" if s.tls_ca else "not asked for") + ")")
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        while self._servers:
+            self._servers.pop().stop()
         self.journal.stop()
 
     def _on_store(self, request: StoreRequest) -> StoreStatus:

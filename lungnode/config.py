@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    dicom_tls_port: int | None = None  # DICOM TLS listener (BCP 195), off when unset; needs tls_cert and tls_key
+    pacs_tls: bool = False  # send results to the PACS over DICOM TLS
     data_dir: Path = Path("var")
     allowed_callers: Annotated[list[str], NoDecode] = []
     pacs: Annotated[DicomPeer | None, NoDecode] = None
@@ -139,6 +144,12 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _tls_listener_has_its_certificate(self) -> "Settings":
+        if self.dicom_tls_port is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("LUNGNODE_DICOM_TLS_PORT needs LUNGNODE_TLS_CERT and LUNGNODE_TLS_KEY")
+        return self
 
     @classmethod
     def settings_customise_sources(

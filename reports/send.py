@@ -1,16 +1,19 @@
-"""Deliver result objects to the PACS by C-STORE. Failures raise `SendError`; the caller keeps the
-delivery queued and retries with backoff, so nothing is lost while the PACS is down."""
+"""Deliver result objects to the PACS by C-STORE (`dicom_node.requestor`), over DICOM TLS when asked.
+Failures raise `SendError`; the caller keeps the delivery queued and retries with backoff, so nothing is
+lost while the PACS is down, and files the PACS acknowledged before are not sent again."""
 from __future__ import annotations
 
 import logging
-import time
+import ssl
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pydicom
 import requests
-from pynetdicom import AE
+from pynetdicom.dsutils import encode
 
 from lungnode.config import DicomPeer
+from lungnode.dicom_node.requestor import AssociationFailed, StoreAssociation
 
 log = logging.getLogger(__name__)
 
@@ -19,42 +22,39 @@ class SendError(RuntimeError):
     pass
 
 
-def _await_reactor_resumed(assoc, limit_s: float = 1.0) -> None:
-    """Wait until the association's reactor thread has woken from the pause of the last C-STORE.
-
-    pynetdicom 3.0 pauses its reactor for each request and checks only that it *is* paused: sent
-    straight after the previous one, the next request can go out while the reactor still sleeps from
-    the last pause; it then wakes, takes that request's response off the queue as if it were a new
-    request ("Received unexpected C-STORE service message") and the send waits out the DIMSE timeout.
-    Seen in CI on a busy 2-core machine (pydicom/pynetdicom#875 is the same race with C-FIND)."""
-    deadline = time.monotonic() + limit_s
-    while getattr(assoc, "_is_paused", False) and assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.0001)
+SUCCESS_OR_WARNING = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
-def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: float = 30.0) -> int:
-    """C-STORE every file over one association; all must succeed. Returns the number sent."""
-    datasets = [pydicom.dcmread(p) for p in paths]
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class, ts in sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in datasets}):
-        ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
-        raise SendError(f"cannot associate with {peer}: association rejected, aborted or never connected")
+def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: float = 30.0,
+               tls: ssl.SSLContext | None = None, skip: Collection[str] = (),
+               on_stored: Callable[[str], None] | None = None) -> int:
+    """C-STORE every file over one association (over TLS with `tls`), except those whose SOP Instance UID
+    is in `skip` (acknowledged by the peer before); all must succeed. `on_stored` is called with each SOP
+    Instance UID as soon as the peer acknowledges it, so a delivery cut off mid-batch resumes where it
+    stopped. Returns the number sent."""
+    datasets = [(path, ds) for path in paths if str((ds := pydicom.dcmread(path)).SOPInstanceUID) not in skip]
+    if not datasets:
+        return 0
+    syntaxes = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets})
     try:
-        for path, ds in zip(paths, datasets):
-            _await_reactor_resumed(assoc)
-            status = assoc.send_c_store(ds)
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise SendError(f"{peer} did not answer the C-STORE of {path.name} (connection lost or timed out)")
-            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-                raise SendError(f"{peer} refused {path.name} with status 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return len(paths)
+        assoc = StoreAssociation.open(peer.host, peer.port, calling_aet, peer.ae_title, syntaxes, timeout, tls)
+    except (AssociationFailed, OSError) as exc:
+        raise SendError(f"cannot associate with {peer}: {exc or type(exc).__name__}") from exc
+    try:
+        with assoc:
+            for path, ds in datasets:
+                syntax = ds.file_meta.TransferSyntaxUID
+                data_set = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+                response = assoc.store(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), data_set)
+                if response.status not in SUCCESS_OR_WARNING:
+                    raise SendError(f"{peer} refused {path.name} with status 0x{response.status:04X}"
+                                    + (f": {response.comment}" if response.comment else ""))
+                if on_stored is not None:
+                    on_stored(str(ds.SOPInstanceUID))
+    except (AssociationFailed, OSError) as exc:
+        raise SendError(f"sending to {peer} failed (connection lost, timed out or refused): "
+                        f"{exc or type(exc).__name__}") from exc
+    return len(datasets)
 
 
 def delete_series_from_orthanc(orthanc_url: str, series_uids: list[str], timeout: float = 10.0) -> int:
