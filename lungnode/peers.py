@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -68,11 +69,23 @@ def _terminate(proc: subprocess.Popen | None, log, timeout: float) -> None:
     log.close()
 
 
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM TLS: its certificate and key, the certificates (or CA) it trusts, and whether callers
+    must show a certificate. With it, Orthanc's DICOM port and every modality it sends to speak TLS only."""
+
+    cert: Path
+    key: Path
+    trusted: Path
+    remote_certificate_required: bool = True
+
+
 class OrthancServer:
     """A throw-away Orthanc (Debian package) with its own storage, on free loopback ports."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None,
-                 binary: str | None = None, dicom_port: int | None = None, plugins: Sequence[str] = ()) -> None:
+                 binary: str | None = None, dicom_port: int | None = None, plugins: Sequence[str] = (),
+                 tls: OrthancTls | None = None) -> None:
         self.binary = binary or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(self.binary).exists():
             raise FileNotFoundError("Orthanc is not installed: apt-get install orthanc")
@@ -83,6 +96,7 @@ class OrthancServer:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.modalities = modalities or {}
         self.plugins = list(plugins)  # shared libraries (e.g. the Web Viewer's .so) Orthanc loads at start
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "OrthancServer":
@@ -96,6 +110,14 @@ class OrthancServer:
             "DicomModalities": {name: list(v) for name, v in self.modalities.items()},
             "StableAge": 2, "OverwriteInstances": True, "ConcurrentJobs": 2,
         }
+        if self.tls is not None:
+            config |= {
+                "DicomTlsEnabled": True, "DicomTlsCertificate": str(self.tls.cert),
+                "DicomTlsPrivateKey": str(self.tls.key), "DicomTlsTrustedCertificates": str(self.tls.trusted),
+                "DicomTlsRemoteCertificateRequired": self.tls.remote_certificate_required,
+                "DicomModalities": {name: {"AET": aet, "Host": host, "Port": port, "UseDicomTls": True}
+                                    for name, (aet, host, port) in self.modalities.items()},
+            }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
         self.log = open(self.workdir / "orthanc.log", "wb")
