@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS deliveries(
   created REAL NOT NULL, sent_at REAL
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
+CREATE TABLE IF NOT EXISTS delivered_instances(
+  delivery_id INTEGER NOT NULL, sop_uid TEXT NOT NULL, PRIMARY KEY(delivery_id, sop_uid)
+);
 """
 
 RECEIVING, QUEUED, PROCESSING, DONE, NOT_PROCESSED, FAILED = (
@@ -287,6 +290,18 @@ class JobDB:
         with self._tx() as c:
             c.execute("UPDATE deliveries SET attempts=attempts+1, last_error=?, next_attempt=? WHERE id=?",
                       (error, retry_at, delivery_id))
+
+    def instance_delivered(self, delivery_id: int, sop_uid: str) -> None:
+        """The destination acknowledged this instance of the delivery: a retry does not send it again."""
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO delivered_instances(delivery_id, sop_uid) VALUES(?,?)",
+                      (delivery_id, sop_uid))
+
+    def delivered_instances(self, delivery_id: int) -> set[str]:
+        with self._lock:
+            rows = self._conn.execute("SELECT sop_uid FROM delivered_instances WHERE delivery_id=?",
+                                      (delivery_id,)).fetchall()
+        return {r[0] for r in rows}
 
     def previous_sent(self, study_uid: str, destination: str, before_version: int) -> list[Delivery]:
         """Delivered results of older versions (to remove from a PACS that allows it)."""

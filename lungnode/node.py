@@ -19,6 +19,7 @@ from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delive
 from lungnode.dicom_node.reconcile import reconcile
 from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
+from lungnode.dicom_node.tls import client_context
 from lungnode.inference.detector import Detector
 from lungnode.inference.series_selection import SelectionRules
 from lungnode.models.registry import load_model
@@ -165,7 +166,11 @@ class Node:
         if d.kind == FHIR:
             post_bundle(s.fhir_url, (d.path / FHIR_FILE).read_bytes(), s.ris_timeout_seconds)
             return "FHIR transaction"
-        return f"{send_files(s.pacs, result_files(d.path), s.ae_title)} result object(s)"
+        tls = client_context(s.tls_cert, s.tls_key, s.tls_ca) if s.pacs_tls else None
+        before = self.db.delivered_instances(d.id)  # acknowledged by the PACS in an attempt cut off mid-batch
+        sent = send_files(s.pacs, result_files(d.path), s.ae_title, tls=tls, skip=before,
+                          on_stored=lambda sop_uid: self.db.instance_delivered(d.id, sop_uid))
+        return f"{sent} result object(s)" + (f", {len(before)} acknowledged before" if before else "")
 
     def _remove_superseded(self, d: Delivery) -> None:
         old_series = set()
