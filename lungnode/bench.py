@@ -1,8 +1,9 @@
 """`make bench`: lungnode against its peers, measured in one run on this machine.
 
 Receive: DCMTK `storescu` sends the 261-slice LIDC-IDRI-0002 series (real CT, 132 MiB) over loopback
-to lungnode (every instance fsynced and indexed before Success), to Orthanc (Debian package, SQLite
-index) and to DCMTK `storescp` (writes files, no fsync). Peers get TCP_NODELAY=1, their best setting.
+to lungnode (every instance fsynced and indexed before Success), plainly and over DICOM TLS (storescu
+`+tls` with a client certificate the node checks), to Orthanc (Debian package, SQLite index) the same
+two ways, and to DCMTK `storescp` (writes files, no fsync). Peers get TCP_NODELAY=1, their best setting.
 
 Detect: the default model on the same series, whole pipeline from DICOM files to detections (volume,
 preprocessing, sliding window, boxes), with ONNX Runtime and with PyTorch eager, each in its own
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from lungnode.peers import PEER_ENV, NodeProcess, OrthancServer, free_port, wait_for
+from lungnode.peers import PEER_ENV, NodeProcess, OrthancServer, OrthancTls, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,20 +38,38 @@ def data_root() -> Path:
     return Path(os.environ.get("LUNGNODE_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
-def _send(files: list[Path], aec: str, port: int) -> float:
+def _send(files: list[Path], aec: str, port: int, *options: str) -> float:
     started = time.perf_counter()
-    done = subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                          env=PEER_ENV, capture_output=True, text=True)
+    done = subprocess.run(["storescu", *options, "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port),
+                           *map(str, files)], env=PEER_ENV, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"storescu to {aec} failed: {done.stderr[-500:]}")
     return seconds
 
 
-def bench_receive(files: list[Path], runs: int, work: Path) -> dict[str, float]:
-    times: dict[str, list[float]] = {"lungnode": [], "lungnode filed": [], "Orthanc": [], "storescp": []}
+def _orthanc_runs(orthanc: OrthancServer, files: list[Path], runs: int, *options: str) -> list[float]:
+    """Each run into an empty Orthanc."""
+    times = []
+    for _ in range(runs):
+        for sid in requests.get(f"{orthanc.url}/studies", timeout=10).json():
+            requests.delete(f"{orthanc.url}/studies/{sid}", timeout=60)
+        times.append(_send(files, "ORTHANC", orthanc.dicom_port, *options))
+    return times
 
-    node = NodeProcess(work / "lungnode", stable_seconds=36000).start()
+
+def bench_receive(files: list[Path], runs: int, work: Path) -> dict[str, float]:
+    """Plain DICOM and DICOM TLS (the node checking storescu's client certificate) in turns, to one node."""
+    from tests.tls_certs import make_certificates  # the test certificates (trustme, in the test extra)
+
+    certs = make_certificates(work / "tls")
+    tls = ("+tls", str(certs.client.key), str(certs.client.cert), "+cf", str(certs.ca))
+    times: dict[str, list[float]] = {"lungnode": [], "lungnode filed": [], "lungnode TLS": [], "Orthanc": [],
+                                     "Orthanc TLS": [], "storescp": []}
+
+    tls_port = free_port()
+    node = NodeProcess(work / "lungnode", stable_seconds=36000, dicom_tls_port=tls_port, tls_cert=certs.server.cert,
+                       tls_key=certs.server.key, tls_ca=certs.ca).start()
     journal = work / "lungnode" / "journal"
     try:
         for _ in range(runs):
@@ -58,14 +77,15 @@ def bench_receive(files: list[Path], runs: int, work: Path) -> dict[str, float]:
             times["lungnode"].append(_send(files, "LUNGNODE", node.dicom_port))
             wait_for(lambda: not any(journal.glob("seg-*.log")), 120, "the node to file what it received", 0.01)
             times["lungnode filed"].append(time.perf_counter() - started)
+            times["lungnode TLS"].append(_send(files, "LUNGNODE", tls_port, *tls))
+            wait_for(lambda: not any(journal.glob("seg-*.log")), 120, "the node to file what it received", 0.01)
     finally:
         node.stop()
 
     with OrthancServer(work / "orthanc") as orthanc:
-        for _ in range(runs):
-            for sid in requests.get(f"{orthanc.url}/studies", timeout=10).json():
-                requests.delete(f"{orthanc.url}/studies/{sid}", timeout=60)
-            times["Orthanc"].append(_send(files, "ORTHANC", orthanc.dicom_port))
+        times["Orthanc"] = _orthanc_runs(orthanc, files, runs)
+    with OrthancServer(work / "orthanc-tls", tls=OrthancTls(certs.server.cert, certs.server.key, certs.ca)) as orthanc:
+        times["Orthanc TLS"] = _orthanc_runs(orthanc, files, runs, *tls)
 
     port = free_port()
     out = work / "storescp"
@@ -307,13 +327,16 @@ def print_receive(series: list[Path], source: str, runs: int) -> None:
         rx = bench_receive(series, runs, Path(tmp))
     print(f"\nReceive and persist {source}: {len(series)} instances, {size:.0f} MiB, storescu over "
           f"loopback, median of {runs} runs")
-    print(f"{'receiver':<50}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
+    print(f"{'receiver':<56}{'seconds':>9}{'images/s':>10}{'lungnode speed-up':>19}")
     notes = {"lungnode": "lungnode (journal fsynced + indexed, then Success)",
              "lungnode filed": "  ... until every file is filed and flushed",
-             "Orthanc": "Orthanc 1.10 (Debian, TCP_NODELAY=1)", "storescp": "DCMTK storescp (TCP_NODELAY=1, no fsync)"}
+             "lungnode TLS": "lungnode over DICOM TLS (client certificate checked)",
+             "Orthanc": "Orthanc 1.10 (Debian, TCP_NODELAY=1)", "Orthanc TLS": "Orthanc 1.10 over DICOM TLS",
+             "storescp": "DCMTK storescp (TCP_NODELAY=1, no fsync)"}
     for name, secs in rx.items():
-        ratio = "" if name == "lungnode filed" else f"{secs / rx['lungnode']:>18.2f}x"
-        print(f"{notes[name]:<50}{secs:>9.2f}{len(series) / secs:>10.0f}{ratio}")
+        against = rx["lungnode TLS"] if name.endswith("TLS") else rx["lungnode"]  # like for like
+        ratio = "" if name == "lungnode filed" else f"{secs / against:>18.2f}x"
+        print(f"{notes[name]:<56}{secs:>9.2f}{len(series) / secs:>10.0f}{ratio}")
 
 
 if __name__ == "__main__":

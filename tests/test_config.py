@@ -54,3 +54,16 @@ def test_every_shipped_training_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.seeds() or cfg.datalists
     assert cfg.init_weights is None or (REPO / cfg.init_weights).is_file()
+
+
+def test_dicom_tls_settings_and_a_tls_port_without_its_certificate_is_refused(monkeypatch, tmp_path):
+    for k, v in {"LUNGNODE_TLS_CERT": tmp_path / "node.crt", "LUNGNODE_TLS_KEY": tmp_path / "node.key",
+                 "LUNGNODE_TLS_CA": tmp_path / "ca.crt", "LUNGNODE_DICOM_TLS_PORT": "2762",
+                 "LUNGNODE_PACS_TLS": "true"}.items():
+        monkeypatch.setenv(k, str(v))
+    s = Settings()
+    assert (s.tls_cert, s.tls_key, s.tls_ca) == (tmp_path / "node.crt", tmp_path / "node.key", tmp_path / "ca.crt")
+    assert s.dicom_tls_port == 2762 and s.pacs_tls is True
+    monkeypatch.delenv("LUNGNODE_TLS_KEY")
+    with pytest.raises(ValidationError, match="LUNGNODE_DICOM_TLS_PORT needs LUNGNODE_TLS_CERT and LUNGNODE_TLS_KEY"):
+        Settings()
