@@ -86,9 +86,8 @@ class StorageSCP:
             server = Acceptor((s.dicom_host, port), self.policy, self._on_store, context)
             server.start()
             self._servers.append(server)
-            log.info("DICOM SCP %s listening on %s:%d%s", s.ae_title, s.dicom_host, port,
-                     "" if context is None else " (TLS, client certificates " +
-                     ("required" if s.tls_ca else "not asked for") + ")")
+            tls = f" (DICOM TLS, client certificates {'required' if s.tls_ca else 'not asked for'})" if context else ""
+            log.info("DICOM SCP %s listening on %s:%d%s", s.ae_title, s.dicom_host, port, tls)
 
     def stop(self) -> None:
         while self._servers:

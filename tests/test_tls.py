@@ -3,6 +3,7 @@ DICOM TLS enabled, against the node's TLS listener and its C-STORE sender."""
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import ssl
 import subprocess
@@ -13,7 +14,7 @@ import pydicom
 import pytest
 
 from lungnode.config import DicomPeer, Settings
-from lungnode.dicom_node.db import JobDB
+from lungnode.dicom_node.db import SENT, JobDB
 from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
 from lungnode.dicom_node.tls import client_context
@@ -131,11 +132,15 @@ def test_plain_dicom_and_tls_1_0_on_the_tls_port_are_refused_and_the_node_keeps_
 
 
 def test_a_silent_caller_on_the_tls_port_blocks_no_one_and_is_closed_at_the_deadline(tmp_path, certs):
-    scp = start_scp(tmp_path, certs, client_certificates=True, timeout=3.0)
+    scp = start_scp(tmp_path, certs, client_certificates=True, timeout=10.0)
     try:
         with socket.create_connection(("127.0.0.1", tls_port(scp)), timeout=30) as silent:  # says nothing
             ok = dcmtk("echoscu", tls_port(scp), *with_cert(certs.client, certs.ca))
-            assert ok.returncode == 0, ok.stderr  # served while the silent one still waits for its handshake
+            assert ok.returncode == 0, ok.stderr
+            silent.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still waiting for its handshake: served meanwhile, not after
+                silent.recv(16)
+            silent.setblocking(True)
             assert silent.recv(16) == b""  # closed by the node when its handshake deadline passed
     finally:
         scp.stop()
@@ -202,3 +207,24 @@ def test_results_reach_orthanc_over_tls(tmp_path, orthanc_tls, certs, small_ct_s
         (series,) = orthanc.series_of_study(str(pydicom.dcmread(results[0], stop_before_pixels=True).StudyInstanceUID))
         assert {str(pydicom.dcmread(BytesIO(f), stop_before_pixels=True).SOPInstanceUID)
                 for f in orthanc.instance_files(series)} == uids(results)
+
+
+def test_the_node_delivers_its_results_over_tls_as_its_settings_say(tmp_path, tls_storescp, certs, small_ct_series):
+    from lungnode.node import Node
+
+    peer, folder = tls_storescp
+    settings = Settings(data_dir=tmp_path / "var", pacs=str(peer), pacs_tls=True, tls_cert=certs.client.cert,
+                        tls_key=certs.client.key, tls_ca=certs.ca, _env_file=None)
+    results = tmp_path / "results"
+    results.mkdir()
+    for p in small_ct_series:
+        shutil.copy(p, results / p.name)
+    node = Node(settings)
+    try:
+        node.db.add_delivery("1.2.3", 1, str(settings.pacs), results)
+        node._deliver(node.db.deliveries("1.2.3")[0])
+        (delivery,) = node.db.deliveries("1.2.3")
+    finally:
+        node.db.close()
+    assert delivery.state == SENT, delivery.last_error
+    assert uids(sorted(folder.iterdir())) == uids(small_ct_series)
