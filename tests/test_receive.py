@@ -23,19 +23,6 @@ from lungnode.peers import PEER_ENV, free_port, wait_for
 from tests.conftest import need_tool
 
 
-@pytest.fixture()
-def scp(tmp_path):
-    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
-                        allowed_callers=["PACS", "STORESCU"], _env_file=None)
-    settings.data_dir.mkdir()
-    db = JobDB(settings.db_path)
-    server = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), db)
-    server.start()
-    yield server
-    server.stop()
-    db.close()
-
-
 def storescu(scp: StorageSCP, files: list[Path], aet: str = "STORESCU", *options: str) -> subprocess.CompletedProcess:
     """Send with DCMTK, then wait until the node has filed what it acknowledged."""
     done = subprocess.run([need_tool("storescu"), *options, "-aet", aet, "-aec", scp.settings.ae_title, "127.0.0.1",
@@ -325,7 +312,7 @@ def test_silent_association_is_aborted_and_busy_node_refuses_more(small_ct_serie
         silent = socket.create_connection(("127.0.0.1", port))  # connects, never speaks
         silent.settimeout(10)
         started = time.monotonic()
-        assert silent.recv(16)[:1] == bytes([7])  # A-ABORT after the network timeout
+        assert silent.recv(16) == b""  # closed after the network timeout (no association: PS3.8's ARTIM)
         assert 0.9 < time.monotonic() - started < 5
         third = ae.associate("127.0.0.1", port, ae_title="LUNGNODE")
         assert third.is_established  # the slots were given back
