@@ -75,7 +75,8 @@ class StorageSCP:
         self.store = store
         self.db = db
         self._server: Acceptor | None = None
-        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync)
+        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync,
+                                     retryable=(OSError, sqlite3.OperationalError))  # disk full, for both
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
         self.policy = AcceptorPolicy(contexts=contexts,
