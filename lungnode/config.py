@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     max_associations: int = 16  # more at once are refused ("busy, try later")
     max_connections: int = 64  # open DICOM connections, associated or not; more are closed at once
     stable_seconds: float = 30.0
+    retain_images_days: float = 30.0  # received and quarantined images are deleted after this; 0: kept
     # Series selection: what a chest CT series must look like to be read.
     min_slices: int = 40
     max_slice_spacing_mm: float = 3.0
