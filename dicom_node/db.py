@@ -222,11 +222,29 @@ class JobDB:
             )
 
     def requeue(self, study_uid: str) -> bool:
-        """Process a study again (re-run button / API)."""
+        """Process a study again (re-run button / API); not while it is processed, nor once its images
+        were purged."""
         with self._tx() as c:
-            cur = c.execute("UPDATE studies SET state=?, attempts=0 WHERE study_uid=? AND state!=?",
-                            (QUEUED, study_uid, PROCESSING))
+            cur = c.execute("UPDATE studies SET state=?, attempts=0 WHERE study_uid=? AND state!=? "
+                            "AND EXISTS (SELECT 1 FROM instances WHERE study_uid=?)",
+                            (QUEUED, study_uid, PROCESSING, study_uid))
             return cur.rowcount == 1
+
+    # --- retention -----------------------------------------------------------------------------
+    def studies_to_purge(self, received_before: float) -> list[str]:
+        """Finished studies (done, not processed, failed) whose last image came before the cutoff and
+        whose images are still here."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT study_uid FROM studies WHERE state IN (?,?,?) AND last_received<? "
+                "AND EXISTS (SELECT 1 FROM instances i WHERE i.study_uid=studies.study_uid)",
+                (DONE, NOT_PROCESSED, FAILED, received_before)).fetchall()
+        return [r[0] for r in rows]
+
+    def forget_instances(self, study_uid: str) -> int:
+        """Drop a study's instances from the index (their files are gone); the study and its results stay."""
+        with self._tx() as c:
+            return c.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,)).rowcount
 
     def recover_after_restart(self) -> int:
         """Studies that were being processed when the node stopped go back to the queue."""

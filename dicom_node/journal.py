@@ -117,8 +117,16 @@ def read_records(path: Path) -> Iterator[tuple[bytes, str]]:
 
 class IngestJournal:
     def __init__(self, directory: Path, file_instance: FileInstance, sync: Callable[[], None] = lambda: None,
-                 segment_bytes: int = SEGMENT_BYTES) -> None:
-        """``sync`` makes everything ``file_instance`` wrote so far durable (the default: it already is)."""
+                 segment_bytes: int = SEGMENT_BYTES,
+                 retryable: tuple[type[Exception], ...] = (OSError,)) -> None:
+        """``sync`` makes everything ``file_instance`` wrote so far durable (the default: it already is);
+        ``retryable``: what ``file_instance`` raises when it cannot file now but may later (a full disk)."""
+        self.retryable = retryable
+        self._left_from_last_run: list[Path] = []  # segments `replay` could not file yet
+        self._replayer: threading.Thread | None = None
+        self._replayed = threading.Event()
+        self._replayed.set()
+        self._stopping = threading.Event()
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file_instance = file_instance
@@ -140,14 +148,34 @@ class IngestJournal:
 
     # --- startup -----------------------------------------------------------------------------
     def replay(self) -> int:
-        """File every record left by a previous run, then drop its segments. Call before receiving."""
+        """File every record left by a previous run, then drop its segments. Call before receiving.
+
+        When filing fails for want of space (one of ``retryable``), the node must still start and answer
+        "out of resources" rather than not at all: the segments left are kept and filed by a background
+        thread once they can be (`start`), and `wait_filed` waits for that too."""
+        paths = sorted(self.dir.glob("seg-*.log"))
+        try:
+            n = self._file_segments(paths)
+        except self.retryable as exc:
+            self._left_from_last_run = [p for p in paths if p.exists()]
+            self._replayed.clear()
+            log.error("journal: cannot file what was received before the last stop yet (%s); %d segment(s) "
+                      "kept, filed once there is room", exc, len(self._left_from_last_run))
+            return 0
+        if n:
+            log.warning("journal: filed %d instance(s) received before the last stop", n)
+        return n
+
+    def _file_segments(self, paths: list[Path]) -> int:
         n = 0
         done: list[Path] = []
-        for path in sorted(self.dir.glob("seg-*.log")):
+        for path in paths:
             try:
                 for data, caller in read_records(path):
                     self.file_instance(data, caller, None)
                     n += 1
+            except self.retryable:
+                raise
             except (ValueError, KeyError, AttributeError) as exc:
                 kept = path.with_suffix(".failed")
                 path.rename(kept)
@@ -155,15 +183,31 @@ class IngestJournal:
                 continue
             done.append(path)
         self.sync()
-        for path in done:
-            self._let_go(path)
-        if n:
-            log.warning("journal: filed %d instance(s) received before the last stop", n)
+        with self._lock:
+            for path in done:
+                self._let_go(path)
         return n
+
+    def _replay_later(self) -> None:
+        delay = 0.5
+        while self._left_from_last_run and not self._stopping.wait(delay):
+            try:
+                n = self._file_segments(self._left_from_last_run)
+            except self.retryable as exc:
+                delay = min(delay * 2, 30)
+                log.error("journal: still cannot file what was received before the last stop (%s); retrying in "
+                          "%.0f s", exc, delay)
+                continue
+            log.warning("journal: filed %d instance(s) received before the last stop", n)
+            self._left_from_last_run = []
+        self._replayed.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
+        if self._left_from_last_run:
+            self._replayer = threading.Thread(target=self._replay_later, name="journal-replay", daemon=True)
+            self._replayer.start()
 
     def flush(self) -> None:
         """Wait until everything appended so far is filed and indexed."""
@@ -171,6 +215,10 @@ class IngestJournal:
 
     def stop(self) -> None:
         """File what is queued, then stop."""
+        self._stopping.set()
+        if self._replayer is not None:
+            self._replayer.join()
+            self._replayer = None
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -180,7 +228,12 @@ class IngestJournal:
 
     # --- receiving ---------------------------------------------------------------------------
     def wait_filed(self, key: str, timeout: float | None = None) -> bool:
-        """Wait until every instance appended under ``key`` is filed (readable in the store)."""
+        """Wait until every instance appended under ``key`` is filed (readable in the store), and what
+        the last run left too (its studies are not known until then)."""
+        started = time.monotonic()
+        if not self._replayed.wait(timeout):
+            return False
+        timeout = None if timeout is None else max(timeout - (time.monotonic() - started), 0)
         with self._filed:
             return self._filed.wait_for(lambda: not self._unfiled.get(key), timeout)
 
@@ -282,7 +335,7 @@ class IngestJournal:
                     self.file_instance(data, caller, facts)
                     self._unsynced[seg_id] = self._unsynced.get(seg_id, 0) + 1
                     break
-                except OSError as exc:  # e.g. disk full: the journal still holds it; try again
+                except self.retryable as exc:  # e.g. disk full: the journal still holds it; try again
                     log.error("cannot file a received instance yet (%s); retrying in %.0f s", exc, delay)
                     time.sleep(delay)
                     delay = min(delay * 2, 30)

@@ -6,8 +6,8 @@ pause after the next request went out and take that request's response off the s
 were a new request; the send then waits out the DIMSE timeout (seen in CI on a busy 2-core machine,
 pydicom/pynetdicom#875 is the same race with C-FIND). Here no other thread reads the socket: each
 response is read by the call that sent the request, so there is nothing to race, however late any thread
-runs. pynetdicom still codes the A-ASSOCIATE PDUs and the response command set; the C-STORE-RQ command
-and the P-DATA framing are the receiver's (`receiver.encode_command`).
+runs. pynetdicom still codes the A-ASSOCIATE PDUs and reads the response command set; the C-STORE-RQ
+command and the P-DATA framing are the receiver's (`receiver.encode_command`, `pdu_rules.pdv_items`).
 """
 from __future__ import annotations
 
@@ -28,22 +28,25 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from lungnode.dicom_node.receiver import (
+from lungnode.dicom_node.pdu_rules import (
     ABORT,
-    APPLICATION_CONTEXT,
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
-    C_STORE_RQ_FIELD,
-    IMPLEMENTATION_UID,
-    IMPLEMENTATION_VERSION,
-    MAX_OTHER_PDU,
-    MAX_RECEIVE_PDU,
+    HEADER,
+    MAX_ASSOCIATE_RQ,
     P_DATA,
     RELEASE_RP,
     RELEASE_RQ,
-    _HEADER,
+    ProtocolViolation,
+    pdv_items,
+)
+from lungnode.dicom_node.receiver import (
     _P_DATA_HEAD,
-    _PDV,
+    APPLICATION_CONTEXT,
+    C_STORE_RQ_FIELD,
+    IMPLEMENTATION_UID,
+    IMPLEMENTATION_VERSION,
+    MAX_RECEIVE_PDU,
     encode_command,
 )
 
@@ -87,12 +90,12 @@ class StoreAssociation:
             pdu_type, body = _read_pdu(sock)
             if pdu_type == ASSOCIATE_RJ:
                 rj = A_ASSOCIATE_RJ()
-                rj.decode(_HEADER.pack(pdu_type, len(body)) + body)
+                rj.decode(HEADER.pack(pdu_type, len(body)) + body)
                 raise AssociationFailed(f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})")
             if pdu_type != ASSOCIATE_AC:
                 raise AssociationFailed(f"expected A-ASSOCIATE-AC, got PDU type {pdu_type}")
             ac = A_ASSOCIATE_AC()
-            ac.decode(_HEADER.pack(pdu_type, len(body)) + body)
+            ac.decode(HEADER.pack(pdu_type, len(body)) + body)
             accepted = ac.to_primitive()
         except BaseException:
             sock.close()
@@ -124,14 +127,14 @@ class StoreAssociation:
 
     def release(self) -> None:
         with self.sock:
-            self.sock.sendall(_HEADER.pack(RELEASE_RQ, 4) + b"\0" * 4)
+            self.sock.sendall(HEADER.pack(RELEASE_RQ, 4) + b"\0" * 4)
             while (pdu_type := _read_pdu(self.sock)[0]) != RELEASE_RP:
                 if pdu_type == ABORT:
                     raise AssociationFailed("A-ABORT instead of A-RELEASE-RP")
 
     def abort(self) -> None:
         try:
-            self.sock.sendall(_HEADER.pack(ABORT, 4) + b"\0" * 4)
+            self.sock.sendall(HEADER.pack(ABORT, 4) + b"\0" * 4)
         except OSError:
             pass
         self.sock.close()
@@ -165,15 +168,15 @@ class StoreAssociation:
                 raise AssociationFailed("A-ABORT from the peer")
             if pdu_type != P_DATA:
                 raise AssociationFailed(f"unexpected PDU type {pdu_type} while waiting for a response")
-            pos = 0
-            while pos < len(body):
-                item_len, _, control = _PDV.unpack_from(body, pos)
-                if not control & 0x01:
-                    raise AssociationFailed("a data set where a response command was expected")
-                command += body[pos + _PDV.size:pos + 4 + item_len]
-                pos += 4 + item_len
-                if control & 0x02:
-                    return bytes(command)
+            try:
+                for fragment in pdv_items(body):
+                    if not fragment.is_command:
+                        raise AssociationFailed("a data set where a response command was expected")
+                    command += body[fragment.start:fragment.end]
+                    if fragment.is_last:
+                        return bytes(command)
+            except ProtocolViolation as exc:
+                raise AssociationFailed(f"protocol violation: {exc}") from exc
 
 
 def _associate_rq(calling_ae: str, called_ae: str, proposed: dict[int, tuple[str, str]]) -> bytes:
@@ -210,7 +213,7 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    pdu_type, length = _HEADER.unpack(_read_exact(sock, _HEADER.size))
-    if length > (MAX_RECEIVE_PDU if pdu_type == P_DATA else MAX_OTHER_PDU):
+    pdu_type, length = HEADER.unpack(_read_exact(sock, HEADER.size))
+    if length > (MAX_RECEIVE_PDU if pdu_type == P_DATA else MAX_ASSOCIATE_RQ):
         raise AssociationFailed(f"a PDU of type {pdu_type} and {length} bytes: more than this node accepts")
     return pdu_type, _read_exact(sock, length)

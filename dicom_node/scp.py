@@ -39,8 +39,15 @@ from pynetdicom.sop_class import (
 
 from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
+from lungnode.dicom_node.image_check import ImageProblem, check_image
 from lungnode.dicom_node.journal import IngestJournal
-from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreRequest, StoreStatus
+from lungnode.dicom_node.receiver import (
+    Acceptor,
+    AcceptorPolicy,
+    AssociationHandler,
+    StoreRequest,
+    StoreStatus,
+)
 from lungnode.dicom_node.storage import InstanceStore, digest, write_atomically
 from lungnode.dicom_node.tls import server_context
 
@@ -62,18 +69,28 @@ CANNOT_UNDERSTAND = 0xC000
 class StorageSCP:
     """Accepts CT instances from the PACS and hands them to durable storage and the job index."""
 
-    def __init__(self, settings: Settings, store: InstanceStore, db: JobDB) -> None:
+    def __init__(self, settings: Settings, store: InstanceStore, db: JobDB,
+                 on_association: AssociationHandler | None = None) -> None:
+        """``on_association`` hears how each connection went (the audit trail)."""
         self.settings = settings
+        self.on_association = on_association
         self.store = store
         self.db = db
         self._servers: list[Acceptor] = []
-        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync)
+        self.journal = IngestJournal(settings.data_dir / "journal", self.file_instance, sync=store.sync,
+                                     retryable=(OSError, sqlite3.OperationalError))  # disk full, for both
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_CLASSES]
         self.policy = AcceptorPolicy(contexts=contexts,
+                                     called_ae_titles=frozenset(settings.answered_ae_titles),
                                      allowed_callers=frozenset(settings.allowed_callers),
                                      max_associations=settings.max_associations,
-                                     network_timeout=settings.dicom_timeout_seconds)
+                                     max_connections=settings.max_connections,
+                                     max_connections_per_host=max(settings.max_associations + 8,
+                                                                  settings.max_connections // 2),
+                                     network_timeout=settings.dicom_timeout_seconds,
+                                     message_timeout=settings.dicom_message_timeout_seconds,
+                                     association_timeout=settings.dicom_association_timeout_seconds)
 
     def start(self) -> None:
         self.journal.replay()
@@ -83,7 +100,7 @@ class StorageSCP:
         if s.dicom_tls_port is not None:
             listeners.append((s.dicom_tls_port, server_context(s.tls_cert, s.tls_key, s.tls_ca)))
         for port, context in listeners:
-            server = Acceptor((s.dicom_host, port), self.policy, self._on_store, context)
+            server = Acceptor((s.dicom_host, port), self.policy, self._on_store, self.on_association, context)
             server.start()
             self._servers.append(server)
             tls = f" (DICOM TLS, client certificates {'required' if s.tls_ca else 'not asked for'})" if context else ""
@@ -95,29 +112,31 @@ class StorageSCP:
         self.journal.stop()
 
     def _on_store(self, request: StoreRequest) -> StoreStatus:
-        outcome = self.accept(request.file_bytes, request.calling_ae, request.sop_instance_uid)
-        if outcome.status != SUCCESS:
-            log.warning("C-STORE from %s refused (0x%04X): %s", request.calling_ae, outcome.status, outcome.comment)
-        return outcome
+        return self.accept(request.file_bytes, request.calling_ae, request.sop_instance_uid, request.sop_class_uid)
 
-    def accept(self, data: bytes, caller: str, affected_sop_uid: str | None) -> StoreStatus:
+    def accept(self, data: bytes, caller: str, affected_sop_uid: str | None,
+               affected_sop_class: str | None = None) -> StoreStatus:
         """Journal the bytes as sent (flushed while the header is checked) and index the instance; it
         is filed in the background."""
         try:
-            record = self.journal.append(data, caller, check=lambda: self._check(data, caller, affected_sop_uid))
+            record = self.journal.append(data, caller, check=lambda: self._check(data, caller, affected_sop_uid,
+                                                                                affected_sop_class))
         except Refused as refused:
             return self._reject(data, caller, refused.status, refused.reason)
         except OSError as exc:
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
-            return StoreStatus(OUT_OF_RESOURCES, f"{kind}: {exc}")
+            log.error("C-STORE from %s answered out of resources: %s", caller, exc)
+            return StoreStatus(OUT_OF_RESOURCES, f"{kind} on the receiving node ({exc.strerror}), try later")
         try:
             self.db.record_instance(record)
         except sqlite3.Error as exc:  # journalled: it is filed and indexed in the background all the same
             log.error("cannot index %s now (%s); the journal files and indexes it later", record.sop_uid, exc)
-        return StoreStatus(SUCCESS)
+        return StoreStatus(SUCCESS, study_uid=record.study_uid)
 
-    def _check(self, data: bytes, caller: str, affected_sop_uid: str | None) -> tuple[str, InstanceRecord]:
-        """The instance's header, read and checked: (its study, its index record), or Refused."""
+    def _check(self, data: bytes, caller: str, affected_sop_uid: str | None,
+               affected_sop_class: str | None = None) -> tuple[str, InstanceRecord]:
+        """The instance's header and image checked: (its study, its index record), or Refused. The
+        identifying UIDs name files here, so one that is not a UID is refused before it names anything."""
         try:
             ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
             missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
@@ -125,12 +144,20 @@ class StorageSCP:
             raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
         if missing:
             raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: no {', '.join(missing)}")
+        try:
+            path = self.store.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        except ValueError as exc:  # InvalidUID, or (never expected) a path outside the store
+            raise Refused(CANNOT_UNDERSTAND, str(exc)) from exc
         sop_uid = str(ds.SOPInstanceUID)
         if affected_sop_uid and sop_uid != str(affected_sop_uid):
             raise Refused(DATASET_MISMATCH, f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise Refused(DATASET_MISMATCH, "the image has no pixel data")
-        path = self.store.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop_uid)
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if affected_sop_class and sop_class != affected_sop_class:
+            raise Refused(DATASET_MISMATCH, f"SOPClassUID {sop_class} differs from the request's {affected_sop_class}")
+        try:
+            check_image(ds, len(data), deflated=ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian)
+        except (ImageProblem, KeyError, TypeError, ValueError, OSError) as exc:  # ImageProblem, or pydicom
+            raise Refused(DATASET_MISMATCH, str(exc)) from exc
         record = InstanceRecord.from_header(ds, path, digest(data), len(data), caller)
         return record.study_uid, record
 
@@ -149,11 +176,12 @@ class StorageSCP:
         self.db.record_instance(record)
 
     def _reject(self, data: bytes, caller: str, status: int, reason: str) -> StoreStatus:
+        """Keep the refused file in quarantine for the admin; the sender hears only the reason."""
         try:
             kept = self.store.keep_rejected(data, caller, reason)
-            reason = f"{reason} (kept as {kept})"
+            log.warning("instance from %s refused (0x%04X), kept as %s: %s", caller, status, kept.name, reason)
         except OSError as exc:
-            reason = f"{reason} (could not keep it: {exc})"
+            log.error("instance from %s refused (0x%04X), could not be kept (%s): %s", caller, status, exc, reason)
         return StoreStatus(status, reason)
 
 

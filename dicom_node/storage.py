@@ -14,13 +14,14 @@ from pathlib import Path
 
 from blake3 import blake3
 
-_SAFE = re.compile(r"[^0-9A-Za-z.\-]")
+from lungnode.dicom_node.uids import checked_uid, inside
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z\-]")
 
 
 def _safe(name: str) -> str:
-    """UIDs are safe path parts already; anything else is made so (never trust the wire)."""
-    cleaned = _SAFE.sub("_", name.strip())[:128]
-    return cleaned or "unknown"
+    """An AE title as part of a file name: letters, digits and dashes only (never trust the wire)."""
+    return _UNSAFE.sub("_", name.strip())[:16] or "unknown"
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,7 +91,10 @@ class InstanceStore:
         self.quarantine.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.root / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_uid)}.dcm"
+        """Where an instance is filed; InvalidUID when any of the three is not a UID."""
+        parts = (checked_uid("StudyInstanceUID", study_uid), checked_uid("SeriesInstanceUID", series_uid),
+                 checked_uid("SOPInstanceUID", sop_uid))
+        return inside(self.root, self.root / parts[0] / parts[1] / f"{parts[2]}.dcm")
 
     def sync(self) -> None:
         sync_filesystem(self.root)

@@ -77,11 +77,16 @@ class Settings(BaseSettings):
     pacs_tls: bool = False  # send results to the PACS over DICOM TLS
     data_dir: Path = Path("var")
     allowed_callers: Annotated[list[str], NoDecode] = []
+    called_ae_titles: Annotated[list[str], NoDecode] = []  # Called AE titles answered to; empty: ae_title only
     pacs: Annotated[DicomPeer | None, NoDecode] = None
     orthanc_url: str | None = None
     dicom_timeout_seconds: float = 60.0  # an association silent this long is aborted
+    dicom_message_timeout_seconds: float = 120.0  # one C-STORE's bytes, plus 1 s per 256 KiB of it
+    dicom_association_timeout_seconds: float = 3600.0  # one association, connect to release
     max_associations: int = 16  # more at once are refused ("busy, try later")
+    max_connections: int = 64  # open DICOM connections, associated or not; more are closed at once
     stable_seconds: float = 30.0
+    retain_images_days: float = 30.0  # received and quarantined images are deleted after this; 0: kept
     # Series selection: what a chest CT series must look like to be read.
     min_slices: int = 40
     max_slice_spacing_mm: float = 3.0
@@ -115,7 +120,7 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 characters without backslash")
         return v
 
-    @field_validator("allowed_callers", mode="before")
+    @field_validator("allowed_callers", "called_ae_titles", mode="before")
     @classmethod
     def _split_callers(cls, v: Any) -> list[str]:
         if v is None:
@@ -176,6 +181,11 @@ class Settings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
+
+    @property
+    def answered_ae_titles(self) -> list[str]:
+        """The Called AE titles an association may name: the configured list, else the node's own."""
+        return self.called_ae_titles or [self.ae_title]
 
     @property
     def db_path(self) -> Path:

@@ -17,6 +17,7 @@ from lungnode.config import Settings
 from lungnode.dicom_node.completion import CompletionMonitor
 from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB
 from lungnode.dicom_node.reconcile import reconcile
+from lungnode.dicom_node.retention import purge_expired
 from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
 from lungnode.dicom_node.tls import client_context
@@ -31,6 +32,7 @@ from lungnode.reports.send import SendError, delete_series_from_orthanc, send_fi
 
 log = logging.getLogger(__name__)
 _PAYLOAD = {HL7: ORU_FILE, FHIR: FHIR_FILE}  # the file each RIS delivery sends
+RETENTION_PERIOD_SECONDS = 3600.0
 
 
 def result_files(directory: Path) -> list[Path]:
@@ -77,7 +79,8 @@ class Node:
         self.scp.start()
         self._threads = [self.completion,
                          threading.Thread(target=self._work_loop, name="worker", daemon=True),
-                         threading.Thread(target=self._send_loop, name="sender", daemon=True)]
+                         threading.Thread(target=self._send_loop, name="sender", daemon=True),
+                         threading.Thread(target=self._retention_loop, name="retention", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -183,6 +186,16 @@ class Node:
                 log.info("study %s: removed %d superseded result series from Orthanc", d.study_uid, n)
             except Exception as exc:  # best effort: the new version is already there
                 log.warning("could not remove superseded results from Orthanc: %s", exc)
+
+    # --- retention -------------------------------------------------------------------------------
+    def _retention_loop(self) -> None:
+        days = self.settings.retain_images_days
+        while days > 0 and not self._stop.is_set():
+            try:
+                purge_expired(self.db, self.store, days)
+            except Exception:  # never stops the node; tried again in an hour
+                log.exception("retention: purge failed")
+            self._stop.wait(RETENTION_PERIOD_SECONDS)
 
     # --- actions from the API ---------------------------------------------------------------------
     def rerun(self, study_uid: str) -> bool:

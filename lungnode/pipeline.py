@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 
+from lungnode.dicom_node.uids import checked_uid, inside
 from lungnode.inference.detector import Detector
 from lungnode.inference.series_selection import SelectionRules, select_series
 from lungnode.inference.types import DetectionResult
@@ -37,7 +38,9 @@ class StudyOutcome:
 
 
 def results_dir_for(root: Path, study_uid: str, version: int) -> Path:
-    return root / study_uid / f"v{version}"
+    """results/<Study Instance UID>/v<version>; InvalidUID (a ValueError) when the study UID is not a UID,
+    so that no header can name a folder outside ``root``."""
+    return inside(root, root / checked_uid("StudyInstanceUID", study_uid) / f"v{int(version)}")
 
 
 def process_study(study_uid: str, paths: list[Path], version: int, detector: Detector, rules: SelectionRules,

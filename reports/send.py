@@ -13,6 +13,7 @@ import requests
 from pynetdicom.dsutils import encode
 
 from lungnode.config import DicomPeer
+from lungnode.dicom_node.receiver import SUCCESS_STATUSES
 from lungnode.dicom_node.requestor import AssociationFailed, StoreAssociation
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,6 @@ log = logging.getLogger(__name__)
 
 class SendError(RuntimeError):
     pass
-
-
-SUCCESS_OR_WARNING = (0x0000, 0xB000, 0xB006, 0xB007)
 
 
 def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: float = 30.0,
@@ -46,7 +44,7 @@ def send_files(peer: DicomPeer, paths: list[Path], calling_aet: str, timeout: fl
                 syntax = ds.file_meta.TransferSyntaxUID
                 data_set = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
                 response = assoc.store(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(syntax), data_set)
-                if response.status not in SUCCESS_OR_WARNING:
+                if response.status not in SUCCESS_STATUSES:
                     raise SendError(f"{peer} refused {path.name} with status 0x{response.status:04X}"
                                     + (f": {response.comment}" if response.comment else ""))
                 if on_stored is not None:

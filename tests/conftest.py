@@ -38,3 +38,23 @@ def small_ct_series(tmp_path_factory) -> list[Path]:
     phantom = make_phantom(7, spacing=(1.4, 1.4, 2.5), field_of_view_mm=(358.0, 358.0, 120.0), n_nodules=(1, 1))
     out = tmp_path_factory.mktemp("small_ct")
     return write_dicom_series(phantom, out, patient_id="RX-TEST", accession_number="ACC1")
+
+
+@pytest.fixture()
+def scp(tmp_path):
+    """The node's DICOM listener alone (no processing), on a free loopback port, for PACS and STORESCU."""
+    from lungnode.config import Settings
+    from lungnode.dicom_node.db import JobDB
+    from lungnode.dicom_node.scp import StorageSCP
+    from lungnode.dicom_node.storage import InstanceStore
+    from lungnode.peers import free_port
+
+    settings = Settings(data_dir=tmp_path / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
+                        allowed_callers=["PACS", "STORESCU"], _env_file=None)
+    settings.data_dir.mkdir()
+    db = JobDB(settings.db_path)
+    server = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), db)
+    server.start()
+    yield server
+    server.stop()
+    db.close()

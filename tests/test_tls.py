@@ -15,6 +15,7 @@ import pytest
 
 from lungnode.config import DicomPeer, Settings
 from lungnode.dicom_node.db import SENT, JobDB
+from lungnode.dicom_node.receiver import AssociationRecord
 from lungnode.dicom_node.scp import StorageSCP
 from lungnode.dicom_node.storage import InstanceStore
 from lungnode.dicom_node.tls import client_context
@@ -29,22 +30,29 @@ def certs(tmp_path_factory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-def start_scp(folder: Path, certs: Certificates, client_certificates: bool, timeout: float = 60.0) -> StorageSCP:
+def start_scp(folder: Path, certs: Certificates, client_certificates: bool,
+              audit: list[AssociationRecord] | None = None) -> StorageSCP:
     settings = Settings(data_dir=folder / "var", dicom_host="127.0.0.1", dicom_port=free_port(),
-                        dicom_timeout_seconds=timeout,
                         dicom_tls_port=free_port(), tls_cert=certs.server.cert, tls_key=certs.server.key,
                         tls_ca=certs.ca if client_certificates else None,
                         allowed_callers=["PACS", "STORESCU", "ECHOSCU", "ORTHANC"], _env_file=None)
     settings.data_dir.mkdir(parents=True)
-    scp = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), JobDB(settings.db_path))
+    scp = StorageSCP(settings, InstanceStore(settings.incoming_dir, settings.quarantine_dir), JobDB(settings.db_path),
+                     on_association=None if audit is None else audit.append)
     scp.start()
     return scp
 
 
 @pytest.fixture
-def tls_scp(tmp_path, certs):
+def audit() -> list[AssociationRecord]:
+    """What the listeners hand to the audit trail, one record per connection."""
+    return []
+
+
+@pytest.fixture
+def tls_scp(tmp_path, certs, audit):
     """The node's listener, plain on dicom_port and TLS on dicom_tls_port, client certificates required."""
-    scp = start_scp(tmp_path, certs, client_certificates=True)
+    scp = start_scp(tmp_path, certs, client_certificates=True, audit=audit)
     yield scp
     scp.stop()
     scp.db.close()
@@ -80,24 +88,29 @@ def wait_for_refusals(caplog, n: int) -> None:
 
 
 # --- receiving ---------------------------------------------------------------------------------------
-def test_storescu_over_tls_with_the_sites_client_certificate_is_stored(tls_scp, certs, small_ct_series, caplog):
+def test_storescu_over_tls_with_the_sites_client_certificate_is_stored(tls_scp, certs, small_ct_series, caplog,
+                                                                       audit):
     caplog.set_level(logging.INFO, logger="lungnode.dicom_node.receiver")
     done = dcmtk("storescu", tls_port(tls_scp), *with_cert(certs.client, certs.ca), files=small_ct_series)
     assert done.returncode == 0, done.stderr
     assert stored_uids(tls_scp) == uids(small_ct_series)
-    assert "client certificate pacs.test" in caplog.text  # who it was, for the audit trail
+    assert "client certificate pacs.test" in caplog.text  # who it was
+    wait_for(lambda: [(r.calling_ae, r.tls, r.instances_stored) for r in audit] == [
+        ("PACS", True, len(small_ct_series))], 10, "the association's audit record")
     plain = dcmtk("echoscu", tls_scp.settings.dicom_port)  # the plain port serves alongside
     assert plain.returncode == 0, plain.stderr
 
 
 def test_client_certificate_of_another_ca_is_refused_and_the_node_keeps_serving(tls_scp, certs, small_ct_series,
-                                                                                caplog):
+                                                                                caplog, audit):
     stranger = dcmtk("storescu", tls_port(tls_scp), *with_cert(certs.stranger, certs.ca), files=small_ct_series[:2])
     assert stranger.returncode != 0
     no_cert = dcmtk("echoscu", tls_port(tls_scp), "+tla", "+cf", str(certs.ca))  # TLS without a certificate
     assert no_cert.returncode != 0
     wait_for_refusals(caplog, 2)
     assert stored_uids(tls_scp) == set()
+    wait_for(lambda: [(r.tls, r.accepted, r.outcome.split(":")[0]) for r in audit] == [
+        (True, False, "TLS handshake failed")] * 2, 10, "an audit record for each refusal")
     ok = dcmtk("echoscu", tls_port(tls_scp), *with_cert(certs.client, certs.ca))
     assert ok.returncode == 0, ok.stderr
 
@@ -132,7 +145,7 @@ def test_plain_dicom_and_tls_1_0_on_the_tls_port_are_refused_and_the_node_keeps_
 
 
 def test_a_silent_caller_on_the_tls_port_blocks_no_one_and_is_closed_at_the_deadline(tmp_path, certs):
-    scp = start_scp(tmp_path, certs, client_certificates=True, timeout=10.0)
+    scp = start_scp(tmp_path, certs, client_certificates=True)  # handshake deadline: the 10 s request timeout
     try:
         with socket.create_connection(("127.0.0.1", tls_port(scp)), timeout=30) as silent:  # says nothing
             ok = dcmtk("echoscu", tls_port(scp), *with_cert(certs.client, certs.ca))
