@@ -10,10 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-from io import BytesIO
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -39,7 +36,7 @@ from pynetdicom.sop_class import (
 
 from lungnode.config import Settings
 from lungnode.dicom_node.db import InstanceRecord, JobDB
-from lungnode.dicom_node.image_check import ImageProblem, check_image
+from lungnode.dicom_node.instance_check import Refused, check_instance
 from lungnode.dicom_node.journal import IngestJournal
 from lungnode.dicom_node.receiver import (
     Acceptor,
@@ -48,7 +45,7 @@ from lungnode.dicom_node.receiver import (
     StoreRequest,
     StoreStatus,
 )
-from lungnode.dicom_node.storage import InstanceStore, digest, write_atomically
+from lungnode.dicom_node.storage import InstanceStore, write_atomically
 from lungnode.dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -62,8 +59,6 @@ STORAGE_CLASSES = [CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhanc
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 
 class StorageSCP:
@@ -135,30 +130,7 @@ class StorageSCP:
 
     def _check(self, data: bytes, caller: str, affected_sop_uid: str | None,
                affected_sop_class: str | None = None) -> tuple[str, InstanceRecord]:
-        """The instance's header and image checked: (its study, its index record), or Refused. The
-        identifying UIDs name files here, so one that is not a UID is refused before it names anything."""
-        try:
-            ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
-            missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
-        except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OSError, TypeError) as exc:
-            raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
-        if missing:
-            raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: no {', '.join(missing)}")
-        try:
-            path = self.store.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        except ValueError as exc:  # InvalidUID, or (never expected) a path outside the store
-            raise Refused(CANNOT_UNDERSTAND, str(exc)) from exc
-        sop_uid = str(ds.SOPInstanceUID)
-        if affected_sop_uid and sop_uid != str(affected_sop_uid):
-            raise Refused(DATASET_MISMATCH, f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
-        sop_class = str(ds.get("SOPClassUID", ""))
-        if affected_sop_class and sop_class != affected_sop_class:
-            raise Refused(DATASET_MISMATCH, f"SOPClassUID {sop_class} differs from the request's {affected_sop_class}")
-        try:
-            check_image(ds, len(data), deflated=ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian)
-        except (ImageProblem, KeyError, TypeError, ValueError, OSError) as exc:  # ImageProblem, or pydicom
-            raise Refused(DATASET_MISMATCH, str(exc)) from exc
-        record = InstanceRecord.from_header(ds, path, digest(data), len(data), caller)
+        record = check_instance(data, self.store, caller, affected_sop_uid, affected_sop_class)
         return record.study_uid, record
 
     def file_instance(self, data: bytes, caller: str, record: InstanceRecord | None) -> None:
@@ -183,11 +155,3 @@ class StorageSCP:
         except OSError as exc:
             log.error("instance from %s refused (0x%04X), could not be kept (%s): %s", caller, status, exc, reason)
         return StoreStatus(status, reason)
-
-
-class Refused(Exception):
-    """An instance this node does not accept: the C-STORE status and the reason sent as Error Comment."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.reason = status, reason

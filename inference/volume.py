@@ -28,6 +28,10 @@ def load_volume(paths: list[Path]) -> Volume:
         else:
             hvol = hd.get_volume_from_series(datasets, dtype=np.float32)
     except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
+        unreadable = _unreadable(datasets)
+        if unreadable:
+            raise VolumeError(f"{len(unreadable)} of {len(datasets)} slices cannot be decoded: "
+                              f"{'; '.join(unreadable[:3])}") from exc
         raise VolumeError(f"the slices do not form one regular volume: {exc}") from exc
     hvol = hvol.squeeze_channel() if hvol.number_of_channel_dimensions else hvol
     affine = np.asarray(hvol.affine, dtype=np.float64)
@@ -47,6 +51,19 @@ def load_volume(paths: list[Path]) -> Volume:
     )
     volume.slices = _slice_refs(volume, datasets, paths)
     return volume
+
+
+def _unreadable(datasets: list[pydicom.Dataset]) -> list[str]:
+    """The slices whose pixel data does not decode, named as a PACS admin finds them: Instance Number
+    and SOP Instance UID, with the decoder's reason."""
+    bad = []
+    for ds in datasets:
+        try:
+            ds.pixel_array
+        except Exception as exc:  # each decoder (RLE, JPEG, JPEG 2000 ...) fails in its own way
+            bad.append(f"instance {ds.get('InstanceNumber', '?')} ({ds.SOPInstanceUID}): {type(exc).__name__}: "
+                       f"{str(exc)[:120]}")
+    return bad
 
 
 def _slice_refs(volume: Volume, datasets: list[pydicom.Dataset], paths: list[Path]) -> list[SliceRef]:

@@ -439,3 +439,31 @@ def test_encapsulated_pixel_data_is_checked_item_by_item(small_ct_series):
 
 def item_bytes(payload: bytes) -> bytes:
     return struct.pack("<HHI", 0xFFFE, 0xE000, len(payload)) + payload
+
+
+def test_a_slice_that_passes_the_checks_but_does_not_decode_is_named_in_the_reason(scp, small_ct_series):
+    """Encapsulated pixel data can be well formed and still not decode: the study is then not processed
+    and the reason names the slice, for the PACS admin to send again."""
+    from pydicom.uid import RLELossless
+
+    from lungnode.inference.series_selection import select_series
+    from lungnode.inference.volume import VolumeError, load_volume
+
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage, RLELossless)
+    assoc = ae.associate("127.0.0.1", scp.settings.dicom_port, ae_title="LUNGNODE")
+    for i, path in enumerate(sorted(small_ct_series)):
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        if i == 5:
+            bad = ds
+            fragment_at = ds.PixelData.index(b"\xfe\xff\x00\xe0", 8) + 8  # the first fragment, after the table
+            # the RLE header's second segment starts far past the fragment's end
+            ds.PixelData = (ds.PixelData[:fragment_at] + struct.pack("<III", 2, 64, 0x7FFFFFF0)
+                            + ds.PixelData[fragment_at + 12:])
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    selection = select_series(stored(scp))
+    with pytest.raises(VolumeError, match=f"1 of {len(small_ct_series)} slices cannot be decoded: instance "
+                                          f"{bad.InstanceNumber} \\({bad.SOPInstanceUID}\\)"):
+        load_volume(selection.chosen.paths)
