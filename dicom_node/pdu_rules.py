@@ -15,6 +15,7 @@ ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT 
 HEADER = struct.Struct(">BxI")  # PDU type, reserved, length
 MAX_ASSOCIATE_RQ = 256 * 2**10  # 128 presentation contexts with every transfer syntax and a user identity fit
 _PDV = struct.Struct(">IBB")  # item length, presentation context ID, message control header
+_P_DATA_HEAD = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header
 _ITEM = struct.Struct(">BxH")  # item type, reserved, item length
 _FIXED_RQ = 68  # protocol version, reserved, called AE, calling AE, 32 reserved bytes (PS3.8 table 9-11)
 APPLICATION_CONTEXT_ITEM, PRESENTATION_CONTEXT_ITEM, USER_INFORMATION_ITEM = 0x10, 0x20, 0x50
@@ -53,6 +54,18 @@ class Fragment:
     is_last: bool
     start: int
     end: int
+
+
+def p_data_pdus(context_id: int, payload: bytes, is_command: bool, max_pdu: int) -> Iterator[bytes]:
+    """A command set or data set as P-DATA-TF PDUs, one PDV each, none longer than the peer's maximum
+    length (``max_pdu``, 0: no limit), the last fragment flagged (PS3.8 9.3.5, E.2)."""
+    step = max(max_pdu - 6, 1) if max_pdu else max(len(payload), 1)
+    flag = 0x01 if is_command else 0x00
+    view = memoryview(payload)
+    for start in range(0, max(len(payload), 1), step):
+        part = view[start:start + step]
+        control = flag | (0x02 if start + step >= len(payload) else 0x00)
+        yield _P_DATA_HEAD.pack(P_DATA, len(part) + 6, len(part) + 2, context_id, control) + part
 
 
 def pdv_items(body: bytes | bytearray | memoryview) -> Iterator[Fragment]:

@@ -43,12 +43,12 @@ from lungnode.dicom_node.pdu_rules import (
     ABORT,
     ASSOCIATE_RQ,
     HEADER,
-    P_DATA,
     RELEASE_RP,
     RELEASE_RQ,
     ProtocolViolation,
     check_associate_rq,
     check_header,
+    p_data_pdus,
     pdv_items,
 )
 
@@ -59,7 +59,6 @@ IMPLEMENTATION_VERSION = f"LUNGNODE_{__version__}"[:16]
 APPLICATION_CONTEXT = UID("1.2.840.10008.3.1.1.1")
 MAX_RECEIVE_PDU = 4 * 2**20  # advertised: whole CT slices in a few PDUs
 MAX_COMMAND_BYTES = 64 * 2**10  # a command set is a few hundred bytes
-_P_DATA_HEAD = struct.Struct(">BxIIBB")  # P-DATA-TF header + one PDV item header
 _ELEMENT = struct.Struct("<HHI")  # command set element header: group, element, value length
 
 C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
@@ -465,12 +464,8 @@ class _Association:
         return outcome
 
     def _send_command(self, context_id: int, command: bytes) -> None:
-        """Send a command set as P-DATA-TF PDUs no larger than the peer accepts (last fragment flagged)."""
-        step = max(self.peer_max_pdu - 6, 1)
-        for start in range(0, len(command), step):
-            part = command[start:start + step]
-            control = 0x03 if start + step >= len(command) else 0x01
-            self.sock.sendall(_P_DATA_HEAD.pack(P_DATA, len(part) + 6, len(part) + 2, context_id, control) + part)
+        for pdu in p_data_pdus(context_id, command, True, self.peer_max_pdu):
+            self.sock.sendall(pdu)
 
 
 class _Handler(socketserver.BaseRequestHandler):

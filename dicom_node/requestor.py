@@ -38,10 +38,10 @@ from lungnode.dicom_node.pdu_rules import (
     RELEASE_RP,
     RELEASE_RQ,
     ProtocolViolation,
+    p_data_pdus,
     pdv_items,
 )
 from lungnode.dicom_node.receiver import (
-    _P_DATA_HEAD,
     APPLICATION_CONTEXT,
     C_STORE_RQ_FIELD,
     IMPLEMENTATION_UID,
@@ -150,14 +150,8 @@ class StoreAssociation:
 
     # --- wire ---------------------------------------------------------------------------------
     def _send_fragments(self, context_id: int, payload: bytes, is_command: bool) -> None:
-        """As P-DATA-TF PDUs no larger than the peer accepts, one PDV each, the last flagged."""
-        step = max(self.peer_max_pdu - 6, 1)
-        flag = 0x01 if is_command else 0x00
-        view = memoryview(payload)
-        for start in range(0, max(len(payload), 1), step):
-            part = view[start:start + step]
-            control = flag | (0x02 if start + step >= len(payload) else 0x00)
-            self.sock.sendall(_P_DATA_HEAD.pack(P_DATA, len(part) + 6, len(part) + 2, context_id, control) + part)
+        for pdu in p_data_pdus(context_id, payload, is_command, self.peer_max_pdu):
+            self.sock.sendall(pdu)
 
     def _read_command(self) -> bytes:
         """The next command set the peer sends (a response), from its P-DATA fragments."""
