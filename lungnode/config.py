@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     data_dir: Path = Path("var")
     allowed_callers: Annotated[list[str], NoDecode] = []
     pacs: Annotated[DicomPeer | None, NoDecode] = None
@@ -101,6 +104,13 @@ class Settings(BaseSettings):
     fhir_url: str | None = None
     fhir_patient_system: str = "urn:lungnode:patient-id"  # Identifier.system of the DICOM Patient ID
     ris_timeout_seconds: float = 30.0
+    # Web security: who may reach the page and API, and the audit trail (README, "For the security officer").
+    allowed_hosts: Annotated[list[str], NoDecode] = ["127.0.0.1", "localhost"]  # others get 400 (Host header)
+    session_minutes: float = 480.0  # a login lasts this long, then the page asks again
+    admin_password: str | None = None  # the first admin's password when no user exists yet (else random, printed)
+    audit_syslog: Annotated[HostPort | None, NoDecode] = None  # ATNA audit repository (syslog, RFC 5424)
+    audit_syslog_tls: bool = True  # RFC 5425 syslog over TLS; false: plain TCP (RFC 6587 octet counting)
+    audit_syslog_ca: Path | None = None  # CA that signed the collector's certificate (default: system CAs)
 
     @field_validator("ae_title")
     @classmethod
@@ -110,9 +120,9 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 characters without backslash")
         return v
 
-    @field_validator("allowed_callers", mode="before")
+    @field_validator("allowed_callers", "allowed_hosts", mode="before")
     @classmethod
-    def _split_callers(cls, v: Any) -> list[str]:
+    def _split_list(cls, v: Any) -> list[str]:
         if v is None:
             return []
         if isinstance(v, str):
@@ -128,7 +138,7 @@ class Settings(BaseSettings):
             return DicomPeer.parse(v)
         return v
 
-    @field_validator("ris_hl7", mode="before")
+    @field_validator("ris_hl7", "audit_syslog", mode="before")
     @classmethod
     def _parse_ris_hl7(cls, v: Any) -> Any:
         if v is None or (isinstance(v, str) and not v.strip()):
@@ -170,6 +180,14 @@ class Settings(BaseSettings):
     def db_path(self) -> Path:
         return self.data_dir / "lungnode.sqlite3"
 
+    @property
+    def accounts_path(self) -> Path:
+        return self.data_dir / "accounts.sqlite3"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_dir / "audit"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -181,4 +199,7 @@ def dump_yaml(settings: Settings) -> str:
     data = settings.model_dump(mode="json")
     data["pacs"] = str(settings.pacs) if settings.pacs else None
     data["ris_hl7"] = str(settings.ris_hl7) if settings.ris_hl7 else None
+    data["audit_syslog"] = str(settings.audit_syslog) if settings.audit_syslog else None
+    if settings.admin_password:
+        data["admin_password"] = "(set)"
     return yaml.safe_dump(data, sort_keys=False)
