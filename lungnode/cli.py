@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 
@@ -43,6 +44,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "lungnode ready: DICOM %s on port %d, web on %s://%s:%d, results to %s",
         settings.ae_title, settings.dicom_port, scheme, settings.http_host, settings.http_port,
         settings.pacs or "(no PACS configured: set LUNGNODE_PACS)")
+    # uvicorn re-raises the SIGTERM it shut down on: as SystemExit, so the node stops and the audit
+    # trail records it and sends what it holds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         # TLS 1.2 is the least Python's server context accepts (the default since Python 3.10).
         uvicorn.run(create_app(node, accounts, audit), host=settings.http_host, port=settings.http_port,
