@@ -159,11 +159,11 @@ class NodeProcess:
     """`lungnode serve` as a real process (so tests can kill and restart it). Its first admin account
     (`admin`) gets a random password, `admin_password`; `http` is a session logged in as that admin."""
 
-    def __init__(self, data_dir: Path, **settings: str | int | float) -> None:
+    def __init__(self, data_dir: Path, **settings: str | int | float | Path) -> None:
         self.data_dir = data_dir
         self.dicom_port = free_port()
         self.http_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.url = f"{'https' if 'tls_cert' in settings else 'http'}://127.0.0.1:{self.http_port}"
         self.admin_password = str(settings.pop("admin_password", secrets.token_urlsafe(16)))
         self.env = {**os.environ, "LUNGNODE_DATA_DIR": str(data_dir), "LUNGNODE_DICOM_PORT": str(self.dicom_port),
                     "LUNGNODE_HTTP_PORT": str(self.http_port), "LUNGNODE_DICOM_HOST": "127.0.0.1",
