@@ -222,10 +222,10 @@ class AuditTrail:
                      role=APPLICATION_ROLE)
 
     # --- the web side ----------------------------------------------------------------------------
-    def login(self, user: str, ip: str, ok: bool) -> None:
+    def login(self, user: str, ip: str, ok: bool, why: str = "wrong user name or password") -> None:
         self.record(AuditEvent(USER_AUTHENTICATION, "E", [Actor(user, True, ip), self._application()],
                                event_types=(LOGIN,), outcome=SUCCESS if ok else MINOR_FAILURE,
-                               outcome_description=None if ok else "wrong user name or password"))
+                               outcome_description=None if ok else why))
 
     def logout(self, user: str, ip: str) -> None:
         self.record(AuditEvent(USER_AUTHENTICATION, "E", [Actor(user, True, ip), self._application()],

@@ -216,6 +216,22 @@ def test_logins_good_and_bad_and_logouts_are_audited_and_the_cookie_is_locked_do
         "EventIdentification/EventTypeCode").get("csd-code") == "110123"  # Logout
 
 
+def test_password_guessing_is_cut_off_after_five_failures_for_a_name(node):
+    password = "the right password 2"
+    assert users_cli(node, "add", "dr.minh", "--role", "radiologist", stdin=password + "\n").returncode == 0
+
+    def attempt(guess: str) -> int:
+        return requests.post(f"{node.url}/login", data={"username": "dr.minh", "password": guess},
+                             headers={"Origin": node.url}, allow_redirects=False, timeout=30).status_code
+
+    assert [attempt(f"guess number {i}") for i in range(5)] == [401] * 5
+    assert attempt(password) == 429, "locked: not even the right password is looked at"
+    (refused,) = [r for r in find_records(node, "110114", "dr.minh")
+                  if "too many" in (r.findtext("EventIdentification/EventOutcomeDescription") or "")]
+    assert refused.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert node.login().get(f"{node.url}/api/me", timeout=10).ok, "other accounts log in as before"
+
+
 def test_api_tokens_made_with_the_cli_work_without_cookies_and_can_be_revoked(node, study):
     made = users_cli(node, "token", "ris-robot", "--role", "radiologist")
     assert made.returncode == 0, made.stderr

@@ -168,6 +168,27 @@ def test_worklist_shows_a_study_arrive_and_finish_and_its_page_shows_the_finding
     page.context.close()
 
 
+def test_login_form_refuses_a_wrong_password_and_logout_ends_the_session(node, browser):
+    page = browser.new_context().new_page()
+    page.goto(f"{node.url}/?lang=vi")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F%3Flang%3Dvi&lang=vi$"))
+    expect(page.locator("h1")).to_have_text(VI["login"])
+    page.locator("#username").fill("admin")
+    page.locator("#password").fill(node.admin_password + "-wrong")
+    page.locator("#login-submit").click()
+    expect(page.locator("#login-failed")).to_have_text(VI["login_failed"])
+    expect(page.locator("#username")).to_have_value("admin")
+    page.locator("#password").fill(node.admin_password)
+    page.locator("#login-submit").click()
+    expect(page).to_have_url(f"{node.url}/?lang=vi")
+    expect(page.locator("#user")).to_have_text(f"admin · {VI['role_admin']}")
+    page.locator("#logout").click()
+    expect(page).to_have_url(re.compile(r"/login\?lang=vi$"))
+    page.goto(f"{node.url}/")  # the session is over: back to the login form
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    page.context.close()
+
+
 def test_rerun_and_resend_buttons_ask_first_and_show_what_happened(node, browser, small_study):
     page = logged_in_page(browser, node, f"/studies/{small_study}")
     asked: list[str] = []

@@ -13,6 +13,7 @@ from lungnode.accounts import Accounts
 from lungnode.audit import AuditTrail
 from lungnode.web.pages import Render
 from lungnode.web.security import SESSION_COOKIE, client_ip, principal
+from lungnode.web.throttle import LoginThrottle
 
 
 class LoggedOut(BaseModel):
@@ -41,6 +42,8 @@ def _cookie(response: Response, request: Request, value: str, max_age: int) -> N
 
 
 def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Render, session_minutes: float) -> None:
+    throttle = LoginThrottle()
+
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request, next: str = "/", lang: str | None = None) -> HTMLResponse:
         return render(request, "login.html", lang, next=safe_next(next))
@@ -49,10 +52,16 @@ def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Rende
     async def login(request: Request) -> Response:
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
         name, target, lang = form.get("username", "")[:64], safe_next(form.get("next")), form.get("lang")
+        ip = client_ip(request)
+        if throttle.blocked(name, ip):
+            audit.login(name, ip, ok=False, why="too many failed logins: refused without checking the password")
+            return render(request, "login.html", lang, status_code=429, next=target, username=name, blocked=True)
         user = await run_in_threadpool(accounts.authenticate, name, form.get("password", ""))
-        audit.login(name, client_ip(request), ok=user is not None)
+        audit.login(name, ip, ok=user is not None)
         if user is None:
+            throttle.failed(name, ip)
             return render(request, "login.html", lang, status_code=401, next=target, username=name, failed=True)
+        throttle.succeeded(name)
         response = RedirectResponse(target, status_code=303)
         _cookie(response, request, await run_in_threadpool(accounts.open_session, user, session_minutes),
                 int(session_minutes * 60))

@@ -69,7 +69,9 @@ def _refuse_anonymous(request: Request) -> Response:
                   and "text/html" in request.headers.get("accept", ""))
     if wants_page:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"{LOGIN_PATH}?next={quote(target, safe='')}", status_code=303)
+        lang = request.query_params.get("lang")  # the login page in the language asked for
+        login = f"{LOGIN_PATH}?next={quote(target, safe='')}" + (f"&lang={quote(lang)}" if lang else "")
+        return RedirectResponse(login, status_code=303)
     return JSONResponse({"detail": "log in first, or send an API token (Authorization: Bearer)"}, status_code=401,
                         headers={"WWW-Authenticate": "Bearer"})
 
