@@ -266,6 +266,25 @@ def test_passwd_with_the_cli_ends_the_users_sessions(node, reader):
     assert node.login(READER, "a brand new password").get(f"{node.url}/api/me", timeout=10).ok
 
 
+def test_the_first_start_makes_an_admin_with_a_password_printed_once(tmp_path):
+    node = NodeProcess(tmp_path / "node")
+    del node.env["LUNGNODE_ADMIN_PASSWORD"]  # as `make run` starts it
+    node.start()
+    try:
+        (password,) = re.findall(r"created the admin account 'admin' with the password\s+(\S+)", node.log_text())
+        assert node.login("admin", password).get(f"{node.url}/api/me", timeout=10).json()["role"] == "admin"
+    finally:
+        node.stop()
+    node.start()  # the second start keeps the account and prints nothing
+    node.stop()
+    assert node.log_text().count("created the admin account") == 1
+    assert password not in "".join(p.read_text() for p in (node.data_dir / "audit").glob("*.log"))
+    events = [ET.fromstring(line).find("EventIdentification/EventTypeCode").get("csd-code")
+              for path in (node.data_dir / "audit").glob("*.log") for line in path.read_text().splitlines()
+              if "110100" in line]
+    assert events == ["110120", "110121", "110120", "110121"], "each start and stop is in the audit trail"
+
+
 def test_https_with_secure_cookies_and_audit_to_syslog_over_mutual_tls(tmp_path, monkeypatch):
     ca = trustme.CA()
     ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key"
