@@ -209,6 +209,9 @@ def test_logins_good_and_bad_and_logouts_are_audited_and_the_cookie_is_locked_do
     cookie = good.headers["set-cookie"]
     assert good.status_code == 303 and re.search(r"(?i)httponly", cookie) and re.search(r"(?i)samesite=strict", cookie)
     assert not re.search(r"(?i)secure", cookie), "plain HTTP: a Secure cookie would never come back"
+    page = http.get(f"{node.url}/", timeout=10)
+    assert page.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in page.headers[
+        "Content-Security-Policy"], "the page cannot be framed by another site (clickjacking)"
     csrf = http.get(f"{node.url}/api/me", timeout=10).json()["csrf_token"]
     assert http.post(f"{node.url}/logout", headers={"Origin": node.url, "X-CSRF-Token": csrf}, timeout=10).ok
     assert http.get(f"{node.url}/api/studies", timeout=10).status_code == 401
@@ -309,6 +312,7 @@ def test_https_with_secure_cookies_and_audit_to_syslog_over_mutual_tls(tmp_path,
         login = requests.post(f"{node.url}/login", data={"username": "admin", "password": node.admin_password},
                               headers={"Origin": node.url}, allow_redirects=False, timeout=30)
         assert login.status_code == 303 and re.search(r"(?i);\s*secure", login.headers["set-cookie"])
+        assert login.headers["Strict-Transport-Security"].startswith("max-age=")
         assert node.http.get(f"{node.url}/api/studies", timeout=10).json() == []
         bad = requests.post(f"{node.url}/login", data={"username": "mallory", "password": "guess guess guess"},
                             headers={"Origin": node.url}, allow_redirects=False, timeout=30)

@@ -1,5 +1,6 @@
 """The login page, signing in (a server-side session in an HttpOnly, SameSite=Strict cookie, Secure
-over HTTPS) and signing out. Each attempt, good or bad, and each logout goes to the audit trail."""
+over HTTPS) and signing out. Each attempt, good or bad, and each logout goes to the audit trail; password
+guessing is cut off by lungnode.web.throttle."""
 from __future__ import annotations
 
 from urllib.parse import parse_qs
@@ -62,6 +63,8 @@ def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Rende
             throttle.failed(name, ip)
             return render(request, "login.html", lang, status_code=401, next=target, username=name, failed=True)
         throttle.succeeded(name)
+        if previous := request.cookies.get(SESSION_COOKIE):  # a session from before the login never lives on
+            await run_in_threadpool(accounts.close_session, previous)
         response = RedirectResponse(target, status_code=303)
         _cookie(response, request, await run_in_threadpool(accounts.open_session, user, session_minutes),
                 int(session_minutes * 60))

@@ -8,6 +8,8 @@
   carry the session's CSRF token in the X-CSRF-Token header, else 403. The login form is checked for
   its origin. Bearer-token requests carry no cookie, so a browser cannot be made to send one.
 - Roles: routes that change things depend on `require_admin` (403 for a radiologist).
+- Every answer forbids framing (no clickjacking of the Re-run button), MIME sniffing and sending the
+  address to other sites; over HTTPS it also tells the browser to keep to HTTPS (HSTS).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/health", "/metrics", "/login"})
 OPEN_PREFIXES = ("/static/",)
 LOGIN_PATH = "/login"
+HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+HSTS = "max-age=31536000"
 
 
 def is_open(path: str) -> bool:
@@ -104,6 +109,15 @@ def install_security(app: FastAPI, accounts: Accounts, allowed_hosts: list[str])
             if not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), who.csrf.encode()):
                 return _forbidden(f"missing or wrong {CSRF_HEADER} header")
         return await call_next(request)
+
+    # Middleware added later runs earlier: the headers go on every answer, refusals included.
+    @app.middleware("http")
+    async def secure_headers(request: Request, call_next) -> Response:
+        response = await call_next(request)
+        response.headers.update(HEADERS)
+        if request.url.scheme == "https":
+            response.headers["Strict-Transport-Security"] = HSTS
+        return response
 
     # Added last, so it runs first: a request for another host is refused before anything else.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
