@@ -25,6 +25,7 @@ RADIOLOGIST, ADMIN = ROLES
 FIRST_ADMIN = "admin"
 MIN_PASSWORD_LENGTH = 12
 TOKEN_PREFIX = "lnt_"
+EXTERNAL = "!external"  # the password hash of a user the identity provider signs in: no password matches it
 _NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 
 _SCHEMA = """
@@ -148,6 +149,19 @@ class Accounts:
         if self._hasher.check_needs_rehash(stored):  # the library's parameters moved on: upgrade the hash
             self._query("UPDATE users SET password_hash = ? WHERE name = ?", self._hasher.hash(password), name)
         return User(*rows[0][:3])
+
+    def external_user(self, name: str, role: str) -> User:
+        """A user signed in by the hospital's identity provider, with the role it gives now. Such a user has
+        no password here; a local account of the same name is not taken over."""
+        user = User(check_name(name), check_role(role), time.time())
+        with self._lock:
+            row = self._conn.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+            if row and row[0] != EXTERNAL:
+                raise AccountError(f"{name!r} is a local account")
+            self._conn.execute("INSERT INTO users VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT(name) DO UPDATE SET role = excluded.role",
+                               (user.name, user.role, EXTERNAL, user.created))
+        return user
 
     def create_first_admin(self, password: str | None) -> str | None:
         """When no user exists: the account `admin` with the given password, else a random one. Returns

@@ -20,6 +20,7 @@ from lungnode.node import Node
 from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, build_view, key_image_png
 from lungnode.web.access import AccessAudit
 from lungnode.web.login import add_login
+from lungnode.web.oidc import OidcClient, add_oidc
 from lungnode.web.pages import add_pages, renderer
 from lungnode.web.results import key_image_files, load_result, version_dir
 from lungnode.web.security import client_ip, install_security, require_admin
@@ -214,6 +215,9 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
 
     render = renderer(node)
     add_pages(app, node, render)
-    add_login(app, accounts, audit, render, node.settings.session_minutes)
+    oidc = OidcClient.from_settings(node.settings)
+    add_login(app, accounts, audit, render, node.settings.session_minutes, oidc=oidc is not None)
+    if oidc is not None:
+        add_oidc(app, oidc, accounts, audit, node.settings.session_minutes)
     install_security(app, accounts, node.settings.allowed_hosts)
     return app

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     audit_syslog: Annotated[HostPort | None, NoDecode] = None  # ATNA audit repository (syslog, RFC 5424)
     audit_syslog_tls: bool = True  # RFC 5425 syslog over TLS; false: plain TCP (RFC 6587 octet counting)
     audit_syslog_ca: Path | None = None  # CA that signed the collector's certificate (default: system CAs)
+    # Sign-in with the hospital's OpenID Connect provider, offered on the login page when oidc_issuer is set.
+    oidc_issuer: str | None = None  # e.g. https://sso.hospital.lan/realms/radiology
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_roles_claim: str = "groups"  # the ID token claim that lists the user's groups or roles
+    oidc_admin_group: str = "lungnode-admin"  # in that claim: the admin role
+    oidc_radiologist_group: str = "lungnode-radiologist"  # in that claim: the radiologist role
 
     @field_validator("ae_title")
     @classmethod
@@ -145,7 +152,7 @@ class Settings(BaseSettings):
             return None
         return HostPort.parse(v) if isinstance(v, str) else v
 
-    @field_validator("orthanc_url", "fhir_url", mode="before")
+    @field_validator("orthanc_url", "fhir_url", "oidc_issuer", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -200,6 +207,7 @@ def dump_yaml(settings: Settings) -> str:
     data["pacs"] = str(settings.pacs) if settings.pacs else None
     data["ris_hl7"] = str(settings.ris_hl7) if settings.ris_hl7 else None
     data["audit_syslog"] = str(settings.audit_syslog) if settings.audit_syslog else None
-    if settings.admin_password:
-        data["admin_password"] = "(set)"
+    for secret in ("admin_password", "oidc_client_secret"):
+        if data[secret]:
+            data[secret] = "(set)"
     return yaml.safe_dump(data, sort_keys=False)

@@ -26,6 +26,7 @@ from lungnode.node import Node
 from lungnode.peers import NodeProcess, free_port, wait_for
 from lungnode.web.security import is_open
 from tests.conftest import send_to_node, wait_processed
+from tests.oidc_provider import Provider
 from tests.syslog_collector import Collector
 
 READER, READER_PASSWORD = "dr.lan", "radiology reading room 1"
@@ -330,3 +331,64 @@ def test_https_with_secure_cookies_and_audit_to_syslog_over_mutual_tls(tmp_path,
     events = [m.audit.find("EventIdentification/EventID").get("csd-code") for m in collector.messages()]
     assert events[:2] == ["110113", "110100"]  # the first admin made, the node started
     assert all(m.msgid == "IHE+RFC-3881" for m in collector.messages())
+
+
+@pytest.fixture
+def provider():
+    provider = Provider("lungnode", "client secret", {"sub": "u-1842", "preferred_username": "dr.binh",
+                                                      "groups": ["staff", "lungnode-radiologist"]})
+    yield provider
+    provider.close()
+
+
+def test_sign_in_through_the_hospital_openid_connect_provider(tmp_path, provider):
+    node = NodeProcess(tmp_path / "node", oidc_issuer=provider.issuer, oidc_client_id="lungnode",
+                       oidc_client_secret="client secret")
+    node.start()
+    try:
+        assert 'id="login-oidc"' in requests.get(f"{node.url}/login", timeout=10).text
+        browser_like = requests.Session()
+        landed = browser_like.get(f"{node.url}/login/oidc?next=/api/me", timeout=30)  # there and back again
+        assert landed.status_code == 200 and 'url=/api/me' in landed.text
+        me = browser_like.get(f"{node.url}/api/me", timeout=10).json()
+        assert (me["name"], me["role"]) == ("dr.binh", "radiologist")
+        assert browser_like.post(f"{node.url}/api/studies/1.2.3/rerun", timeout=10,
+                                 headers={"Origin": node.url, "X-CSRF-Token": me["csrf_token"]}).status_code == 403
+        with pytest.raises(PermissionError):  # no password of its own here
+            node.login("dr.binh", "")
+        (signed_in,) = [r for r in find_records(node, "110114", "dr.binh")
+                        if r.find("EventIdentification").get("EventOutcomeIndicator") == "0"]
+
+        provider.claims = {**provider.claims, "groups": ["lungnode-admin"]}  # the role follows the provider
+        again = requests.Session()
+        again.get(f"{node.url}/login/oidc", timeout=30)
+        assert again.get(f"{node.url}/api/me", timeout=10).json()["role"] == "admin"
+
+        provider.nonce_override = "a nonce from another sign-in"  # a replayed ID token
+        replay = requests.Session()
+        refused = replay.get(f"{node.url}/login/oidc", timeout=30)
+        assert refused.status_code == 403 and replay.get(f"{node.url}/api/me", timeout=10).status_code == 401
+        provider.nonce_override = None
+
+        provider.claims = {**provider.claims, "preferred_username": "dr.khoa", "groups": ["staff"]}
+        outsider = requests.Session()
+        refused = outsider.get(f"{node.url}/login/oidc", timeout=30)
+        assert refused.status_code == 403 and "neither lungnode group" in refused.text
+        assert outsider.get(f"{node.url}/api/me", timeout=10).status_code == 401
+
+        stranger = requests.Session()  # a callback this browser did not start (login CSRF) is refused
+        start = requests.get(f"{node.url}/login/oidc", timeout=30, allow_redirects=False)
+        to_callback = requests.get(start.headers["location"], timeout=30, allow_redirects=False).headers["location"]
+        assert stranger.get(to_callback, timeout=30).status_code == 403
+        assert stranger.get(f"{node.url}/api/me", timeout=10).status_code == 401
+
+        provider.claims = {**provider.claims, "preferred_username": "admin", "groups": ["lungnode-admin"]}
+        taken = requests.Session()  # the provider cannot take over a local account
+        assert taken.get(f"{node.url}/login/oidc", timeout=30).status_code == 403
+    finally:
+        node.stop()
+    failures = [r.findtext("EventIdentification/EventOutcomeDescription") for r in audit_records(node)
+                if r.find("EventIdentification").get("EventOutcomeIndicator") == "4"]
+    assert len(failures) == 5, failures  # the password tried for dr.binh, and the four refusals above
+    assert "nonce" in failures[1] and "neither lungnode group" in failures[2]
+    assert "foreign sign-in state" in failures[3] and "local account" in failures[4]

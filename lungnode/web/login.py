@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from lungnode.accounts import Accounts
+from lungnode.accounts import Accounts, User
 from lungnode.audit import AuditTrail
 from lungnode.web.pages import Render
 from lungnode.web.security import SESSION_COOKIE, client_ip, principal
@@ -42,12 +42,23 @@ def _cookie(response: Response, request: Request, value: str, max_age: int) -> N
                         secure=request.url.scheme == "https")
 
 
-def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Render, session_minutes: float) -> None:
+async def start_session(response: Response, request: Request, accounts: Accounts, user: User,
+                        minutes: float) -> Response:
+    """Log the user in on `response`: a new session in the cookie; one the browser had before is closed."""
+    if previous := request.cookies.get(SESSION_COOKIE):
+        await run_in_threadpool(accounts.close_session, previous)
+    _cookie(response, request, await run_in_threadpool(accounts.open_session, user, minutes), int(minutes * 60))
+    return response
+
+
+def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Render, session_minutes: float,
+              oidc: bool) -> None:
+    """The login routes; `oidc`: the page also offers sign-in with the hospital's provider (lungnode.web.oidc)."""
     throttle = LoginThrottle()
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request, next: str = "/", lang: str | None = None) -> HTMLResponse:
-        return render(request, "login.html", lang, next=safe_next(next))
+        return render(request, "login.html", lang, next=safe_next(next), oidc=oidc)
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -56,19 +67,16 @@ def add_login(app: FastAPI, accounts: Accounts, audit: AuditTrail, render: Rende
         ip = client_ip(request)
         if throttle.blocked(name, ip):
             audit.login(name, ip, ok=False, why="too many failed logins: refused without checking the password")
-            return render(request, "login.html", lang, status_code=429, next=target, username=name, blocked=True)
+            return render(request, "login.html", lang, status_code=429, next=target, username=name, blocked=True,
+                          oidc=oidc)
         user = await run_in_threadpool(accounts.authenticate, name, form.get("password", ""))
         audit.login(name, ip, ok=user is not None)
         if user is None:
             throttle.failed(name, ip)
-            return render(request, "login.html", lang, status_code=401, next=target, username=name, failed=True)
+            return render(request, "login.html", lang, status_code=401, next=target, username=name, failed=True,
+                          oidc=oidc)
         throttle.succeeded(name)
-        if previous := request.cookies.get(SESSION_COOKIE):  # a session from before the login never lives on
-            await run_in_threadpool(accounts.close_session, previous)
-        response = RedirectResponse(target, status_code=303)
-        _cookie(response, request, await run_in_threadpool(accounts.open_session, user, session_minutes),
-                int(session_minutes * 60))
-        return response
+        return await start_session(RedirectResponse(target, status_code=303), request, accounts, user, session_minutes)
 
     @app.get("/api/me", summary="Who this request is authenticated as, and its CSRF token", response_model=Me)
     def me(request: Request) -> Me:

@@ -2,7 +2,7 @@
 
 - Host allow-list (`allowed_hosts`): any other Host header gets 400 (DNS rebinding, Host spoofing).
 - Authentication, deny by default: a login session (cookie) or an API token (`Authorization: Bearer`).
-  Only /health, /metrics, /login and /static/ are open; anonymous page requests are sent to the login
+  Only /health, /metrics, /login (and /login/oidc/...) and /static/ are open; anonymous page requests are sent to the login
   page, anything else gets 401.
 - CSRF: a state-changing request on a session must come from our own origin (Origin, else Referer) and
   carry the session's CSRF token in the X-CSRF-Token header, else 403. The login form is checked for
@@ -26,7 +26,7 @@ from lungnode.accounts import Accounts, Principal
 SESSION_COOKIE = "lungnode_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-OPEN_PATHS = frozenset({"/health", "/metrics", "/login"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/login", "/login/oidc", "/login/oidc/callback"})
 OPEN_PREFIXES = ("/static/",)
 LOGIN_PATH = "/login"
 HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
