@@ -80,3 +80,14 @@ def test_the_first_admin_is_made_once(accounts):
     assert len(password) >= 20 and accounts.authenticate(FIRST_ADMIN, password).role == ADMIN
     assert accounts.create_first_admin(None) is None and accounts.create_first_admin("given password 1") is None
     assert [u.name for u in accounts.users()] == [FIRST_ADMIN]
+
+
+def test_users_of_the_identity_provider_have_no_password_here_and_take_over_no_local_account(accounts):
+    accounts.add_user("dr.lan", RADIOLOGIST, PASSWORD)
+    with pytest.raises(AccountError, match="local account"):
+        accounts.external_user("dr.lan", ADMIN)
+    assert accounts.authenticate("dr.lan", PASSWORD).role == RADIOLOGIST
+    assert accounts.external_user("dr.binh", RADIOLOGIST).role == RADIOLOGIST
+    assert accounts.external_user("dr.binh", ADMIN).role == ADMIN  # the provider's word at each sign-in
+    assert [(u.name, u.role) for u in accounts.users()] == [("dr.binh", ADMIN), ("dr.lan", RADIOLOGIST)]
+    assert accounts.authenticate("dr.binh", "") is None and accounts.authenticate("dr.binh", "!external") is None
