@@ -194,7 +194,8 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
 
     @app.post("/api/studies/{study_uid}/rerun", summary="Process the study again (new results replace the old); "
               "admin role", response_model=Queued,
-              responses={409: {"description": "unknown study, or being processed now"}, 403: {"description": "not admin"}})
+              responses={409: {"description": "unknown study, or being processed now"},
+                         403: {"description": "not admin"}})
     def rerun(study_uid: str, request: Request, who: Principal = Depends(require_admin)) -> dict:
         return act(request, who, RERUN, study_uid, node.rerun(study_uid),
                    "unknown study, or it is being processed right now")

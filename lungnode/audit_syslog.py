@@ -26,7 +26,8 @@ BOM = "\ufeff"  # RFC 5424 6.4: a UTF-8 MSG starts with the byte order mark
 def rfc5424(payload: str, hostname: str, when: datetime | None = None) -> bytes:
     """One syslog message: <PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - BOM payload."""
     stamp = (when or datetime.now(timezone.utc)).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    header = f"<{FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE}>1 {stamp} {hostname[:255]} {APP_NAME} {os.getpid()} {MSG_ID} -"
+    priority = FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE
+    header = f"<{priority}>1 {stamp} {hostname[:255]} {APP_NAME} {os.getpid()} {MSG_ID} -"
     return f"{header} {BOM}{payload}".encode()
 
 

@@ -50,13 +50,15 @@ class Provider:
                     code = secrets.token_urlsafe(16)
                     provider._codes[code] = q
                     self.send_response(302)
-                    self.send_header("Location", f"{q['redirect_uri']}?{urlencode({'code': code, 'state': q['state']})}")
+                    back = urlencode({"code": code, "state": q["state"]})
+                    self.send_header("Location", f"{q['redirect_uri']}?{back}")
                     self.end_headers()
                 else:
                     self._json(404, {})
 
             def do_POST(self) -> None:
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode()).items()}
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                form = {k: v[0] for k, v in parse_qs(body).items()}
                 basic = base64.b64decode(self.headers.get("Authorization", "Basic ").split(" ", 1)[1] or b"").decode()
                 asked = provider._codes.pop(form.get("code", ""), None)
                 challenge = base64.urlsafe_b64encode(hashlib.sha256(form.get("code_verifier", "").encode()).digest())

@@ -385,6 +385,14 @@ def test_sign_in_through_the_hospital_openid_connect_provider(tmp_path, provider
         provider.claims = {**provider.claims, "preferred_username": "admin", "groups": ["lungnode-admin"]}
         taken = requests.Session()  # the provider cannot take over a local account
         assert taken.get(f"{node.url}/login/oidc", timeout=30).status_code == 403
+
+        provider.close()  # a provider that is down: the node says so, and its own login still works
+        down = NodeProcess(tmp_path / "node2", oidc_issuer=provider.issuer, oidc_client_id="lungnode").start()
+        try:
+            assert requests.get(f"{down.url}/login/oidc", timeout=30).status_code == 503
+            assert down.http.get(f"{down.url}/api/me", timeout=10).ok
+        finally:
+            down.stop()
     finally:
         node.stop()
     failures = [r.findtext("EventIdentification/EventOutcomeDescription") for r in audit_records(node)

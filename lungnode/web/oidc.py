@@ -145,7 +145,12 @@ def add_oidc(app: FastAPI, client: OidcClient, accounts: Accounts, audit: AuditT
     @app.get(START_PATH, include_in_schema=False)
     def start(request: Request, next: str = "/") -> Response:
         flow = flows.start(safe_next(next))
-        response = RedirectResponse(client.authorization_url(callback_url(request), flow), status_code=303)
+        try:
+            url = client.authorization_url(callback_url(request), flow)
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            return HTMLResponse(f"<!doctype html><p>The hospital sign-in service cannot be reached "
+                                f"({escape(type(exc).__name__)}). <a href=\"/login\">Log in</a></p>", status_code=503)
+        response = RedirectResponse(url, status_code=303)
         response.set_cookie(FLOW_COOKIE, flow.state, max_age=int(FLOW_SECONDS), path=CALLBACK_PATH, httponly=True,
                             samesite="lax", secure=request.url.scheme == "https")
         return response

@@ -2,8 +2,8 @@
 
 - Host allow-list (`allowed_hosts`): any other Host header gets 400 (DNS rebinding, Host spoofing).
 - Authentication, deny by default: a login session (cookie) or an API token (`Authorization: Bearer`).
-  Only /health, /metrics, /login (and /login/oidc/...) and /static/ are open; anonymous page requests are sent to the login
-  page, anything else gets 401.
+  Only /health, /metrics, /login (and /login/oidc/...) and /static/ are open; anonymous page requests
+  are sent to the login page, anything else gets 401.
 - CSRF: a state-changing request on a session must come from our own origin (Origin, else Referer) and
   carry the session's CSRF token in the X-CSRF-Token header, else 403. The login form is checked for
   its origin. Bearer-token requests carry no cookie, so a browser cannot be made to send one.
