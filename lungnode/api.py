@@ -1,21 +1,29 @@
 """REST API of a running node (studies, their state and findings, images, re-run and re-send), the
-reading-room page and /metrics, all on the one HTTP port."""
+reading-room page and /metrics, all on the one HTTP port, behind lungnode.web.security: every route
+but /health, /metrics and the login page needs a login or an API token; re-run and re-send need the
+admin role. Reads of patient data and every action go to the audit trail."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from lungnode import __version__
+from lungnode.accounts import Accounts, Principal
+from lungnode.audit import RERUN, RESEND, AuditTrail, Code
 from lungnode.dicom_node.db import PENDING, Delivery, Study
 from lungnode.inference.types import DetectionResult
 from lungnode.metrics import job_metrics
 from lungnode.node import Node
 from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, build_view, key_image_png
-from lungnode.web.pages import add_pages
+from lungnode.web.access import AccessAudit
+from lungnode.web.login import add_login
+from lungnode.web.oidc import OidcClient, add_oidc
+from lungnode.web.pages import add_pages, renderer
 from lungnode.web.results import key_image_files, load_result, version_dir
+from lungnode.web.security import client_ip, install_security, require_admin
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
 
@@ -47,7 +55,6 @@ class DeliveryOut(BaseModel):
     attempts: int
     next_attempt: float
     last_error: str | None
-    path: str
 
 
 class KeyImage(BaseModel):
@@ -83,17 +90,19 @@ class Queued(BaseModel):
 
 def delivery_out(d: Delivery) -> DeliveryOut:
     return DeliveryOut(id=d.id, version=d.version, destination=d.destination, kind=getattr(d, "kind", None),
-                       state=d.state, attempts=d.attempts, next_attempt=d.next_attempt, last_error=d.last_error,
-                       path=str(d.path))
+                       state=d.state, attempts=d.attempts, next_attempt=d.next_attempt, last_error=d.last_error)
 
 
-def create_app(node: Node) -> FastAPI:
+def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
     app = FastAPI(title="lungnode", version=__version__,
                   description="AI lung-nodule detection beside the PACS: studies received, results sent. "
-                              "The reading-room page is at /, Prometheus metrics at /metrics.")
+                              "The reading-room page is at /, Prometheus metrics at /metrics. Every /api/ "
+                              "route needs a login session or an API token (`Authorization: Bearer lnt_...`, "
+                              "made by `lungnode users token`).")
     views = SeriesViews()
     registry = job_metrics(node.settings.db_path)
     results_root = node.settings.results_dir
+    access = AccessAudit(audit)
 
     def study_or_404(study_uid: str) -> Study:
         s = node.db.study(study_uid)
@@ -114,8 +123,8 @@ def create_app(node: Node) -> FastAPI:
             paths = node.db.instance_paths(study_uid, result.series_instance_uid)
             try:
                 return build_view(paths, result.series_instance_uid, result.detections)
-            except FileNotFoundError as exc:
-                raise HTTPException(404, str(exc)) from exc
+            except FileNotFoundError as exc:  # the message would name a server path: not shown
+                raise HTTPException(404, "the processed series' images are no longer on the node") from exc
 
         return views.get(study_uid, s.version, load)
 
@@ -127,14 +136,16 @@ def create_app(node: Node) -> FastAPI:
 
     @app.get("/api/studies", summary="Every study the node has seen, newest first",
              response_model=list[StudySummary])
-    def studies() -> list[dict]:
+    def studies(request: Request) -> list[dict]:
+        access.worklist_read(request)
         pending = node.db.pending_by_study()
         return [summary(s, pending.get(s.study_uid, 0)) for s in node.db.studies()]
 
     @app.get("/api/studies/{study_uid}", summary="One study: state, latest results, key images, deliveries",
              response_model=StudyDetail)
-    def study(study_uid: str) -> dict:
+    def study(study_uid: str, request: Request) -> dict:
         s = study_or_404(study_uid)
+        access.record_read(request, s)
         deliveries = node.db.deliveries(study_uid)
         directory = version_dir(results_root, study_uid, s.version)
         base = f"/api/studies/{study_uid}/key-images"
@@ -145,48 +156,69 @@ def create_app(node: Node) -> FastAPI:
 
     @app.get("/api/studies/{study_uid}/key-images/{number}", summary="Key image of nodule N<number> as PNG",
              response_class=Response, responses=PNG)
-    def key_image(study_uid: str, number: int, size: int | None = Query(None, ge=32, le=2048)) -> Response:
+    def key_image(study_uid: str, number: int, request: Request,
+                  size: int | None = Query(None, ge=32, le=2048)) -> Response:
         s = study_or_404(study_uid)
         path = key_image_files(version_dir(results_root, study_uid, s.version)).get(number)
         if path is None:
             raise HTTPException(404, f"no key image N{number} in the latest results")
+        access.images_read(request, s)
         return Response(key_image_png(path, size), media_type="image/png")
 
     @app.get("/api/studies/{study_uid}/viewer", summary="The processed series and nodule boxes for the viewer",
              response_model=Viewer)
-    def viewer(study_uid: str) -> dict:
+    def viewer(study_uid: str, request: Request) -> dict:
         view = series_view(study_uid)
+        access.images_read(request, node.db.study(study_uid))
         k, rows, columns = view.grey.shape
         return {"version": node.db.study(study_uid).version, "series_uid": view.series_uid, "slices": k,
                 "rows": rows, "columns": columns, "spacing_mm": view.spacing_mm, "nodules": view.nodules}
 
     @app.get("/api/studies/{study_uid}/slices/{k}", summary="Slice k (0-based) of the processed series, "
              "lung window, as PNG", response_class=Response, responses=PNG)
-    def slice_png(study_uid: str, k: int) -> Response:
+    def slice_png(study_uid: str, k: int, request: Request) -> Response:
         view = series_view(study_uid)
         if not 0 <= k < view.grey.shape[0]:
             raise HTTPException(404, f"slice {k} is outside 0..{view.grey.shape[0] - 1}")
+        access.images_read(request, node.db.study(study_uid))
         return Response(view.slice_png(k), media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
-    @app.post("/api/studies/{study_uid}/rerun", summary="Process the study again (new results replace the old)",
-              response_model=Queued, responses={409: {"description": "unknown study, or being processed now"}})
-    def rerun(study_uid: str) -> dict:
-        if not node.rerun(study_uid):
-            raise HTTPException(409, "unknown study, or it is being processed right now")
+    def act(request: Request, who: Principal, action: Code, study_uid: str, done: bool, refusal: str) -> dict:
+        """Audit an admin's re-run / re-send (done or refused), then answer."""
+        s = node.db.study(study_uid)
+        audit.study_action(action, who.name, client_ip(request), study_uid, s.patient_id if s else None,
+                           None if done else refusal)
+        if not done:
+            raise HTTPException(409, refusal)
         return {"queued": True}
 
-    @app.post("/api/studies/{study_uid}/resend", summary="Send the latest results to every destination again",
-              response_model=Queued, responses={409: {"description": "no results yet, or no destination configured"}})
-    def resend(study_uid: str) -> dict:
-        if not node.resend(study_uid):
-            raise HTTPException(409, "no results to send, or no destination configured "
-                                 "(LUNGNODE_PACS, LUNGNODE_RIS_HL7, LUNGNODE_FHIR_URL)")
-        return {"queued": True}
+    @app.post("/api/studies/{study_uid}/rerun", summary="Process the study again (new results replace the old); "
+              "admin role", response_model=Queued,
+              responses={409: {"description": "unknown study, or being processed now"},
+                         403: {"description": "not admin"}})
+    def rerun(study_uid: str, request: Request, who: Principal = Depends(require_admin)) -> dict:
+        return act(request, who, RERUN, study_uid, node.rerun(study_uid),
+                   "unknown study, or it is being processed right now")
+
+    @app.post("/api/studies/{study_uid}/resend", summary="Send the latest results to every destination again; "
+              "admin role", response_model=Queued,
+              responses={409: {"description": "no results yet, or no destination configured"},
+                         403: {"description": "not admin"}})
+    def resend(study_uid: str, request: Request, who: Principal = Depends(require_admin)) -> dict:
+        return act(request, who, RESEND, study_uid, node.resend(study_uid),
+                   "no results to send, or no destination configured "
+                   "(LUNGNODE_PACS, LUNGNODE_RIS_HL7, LUNGNODE_FHIR_URL)")
 
     @app.get("/metrics", summary="Prometheus metrics, read from the job database at each scrape",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_pages(app, node)
+    render = renderer(node)
+    add_pages(app, node, render)
+    oidc = OidcClient.from_settings(node.settings)
+    add_login(app, accounts, audit, render, node.settings.session_minutes, oidc=oidc is not None)
+    if oidc is not None:
+        add_oidc(app, oidc, accounts, audit, node.settings.session_minutes)
+    install_security(app, accounts, node.settings.allowed_hosts)
     return app

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import socket
 import sys
 
 
@@ -16,21 +18,44 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from lungnode.accounts import FIRST_ADMIN, Accounts
     from lungnode.api import create_app
+    from lungnode.audit import AuditTrail
     from lungnode.config import get_settings
     from lungnode.node import Node
 
     settings = get_settings()
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        sys.exit("lungnode serve: HTTPS needs both LUNGNODE_TLS_CERT and LUNGNODE_TLS_KEY")
+    accounts = Accounts(settings.accounts_path)
+    audit = AuditTrail.from_settings(settings)
+    first_password = accounts.create_first_admin(settings.admin_password)
+    if first_password:
+        audit.account_changed("lungnode serve", socket.gethostname(), FIRST_ADMIN, "first admin created")
+        if not settings.admin_password:  # shown once, here: only its hash is kept
+            print(f"\nNo user existed: created the admin account '{FIRST_ADMIN}' with the password\n\n"
+                  f"    {first_password}\n\nLog in and keep it safe; it is not shown again "
+                  f"(`lungnode users passwd {FIRST_ADMIN}` sets another).\n", flush=True)
     node = Node(settings)
     node.start()
+    audit.application(started=True)
+    scheme = "https" if settings.tls_cert else "http"
     logging.getLogger("lungnode").info(
-        "lungnode ready: DICOM %s on port %d, web on http://%s:%d, results to %s",
-        settings.ae_title, settings.dicom_port, settings.http_host, settings.http_port,
+        "lungnode ready: DICOM %s on port %d, web on %s://%s:%d, results to %s",
+        settings.ae_title, settings.dicom_port, scheme, settings.http_host, settings.http_port,
         settings.pacs or "(no PACS configured: set LUNGNODE_PACS)")
+    # uvicorn re-raises the SIGTERM it shut down on: as SystemExit, so the node stops and the audit
+    # trail records it and sends what it holds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(create_app(node), host=settings.http_host, port=settings.http_port, log_level="warning")
+        # TLS 1.2 is the least Python's server context accepts (the default since Python 3.10).
+        uvicorn.run(create_app(node, accounts, audit), host=settings.http_host, port=settings.http_port,
+                    log_level="warning", ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key)
     finally:
         node.stop()
+        audit.application(started=False)
+        audit.close()
+        accounts.close()
     return 0
 
 
@@ -47,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lungnode.models.bundle_import import add_command as register_models
     from lungnode.training.cli import register as register_train
+    from lungnode.users_cli import register as register_users
 
+    register_users(sub)
     register_train(sub)
     register_models(sub)
     return parser

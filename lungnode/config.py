@@ -111,6 +111,20 @@ class Settings(BaseSettings):
     fhir_url: str | None = None
     fhir_patient_system: str = "urn:lungnode:patient-id"  # Identifier.system of the DICOM Patient ID
     ris_timeout_seconds: float = 30.0
+    # Web security: who may reach the page and API, and the audit trail (README, "For the security officer").
+    allowed_hosts: Annotated[list[str], NoDecode] = ["127.0.0.1", "localhost"]  # others get 400 (Host header)
+    session_minutes: float = 480.0  # a login lasts this long, then the page asks again
+    admin_password: str | None = None  # the first admin's password when no user exists yet (else random, printed)
+    audit_syslog: Annotated[HostPort | None, NoDecode] = None  # ATNA audit repository (syslog, RFC 5424)
+    audit_syslog_tls: bool = True  # RFC 5425 syslog over TLS; false: plain TCP (RFC 6587 octet counting)
+    audit_syslog_ca: Path | None = None  # CA that signed the collector's certificate (default: system CAs)
+    # Sign-in with the hospital's OpenID Connect provider, offered on the login page when oidc_issuer is set.
+    oidc_issuer: str | None = None  # e.g. https://sso.hospital.lan/realms/radiology
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_roles_claim: str = "groups"  # the ID token claim that lists the user's groups or roles
+    oidc_admin_group: str = "lungnode-admin"  # in that claim: the admin role
+    oidc_radiologist_group: str = "lungnode-radiologist"  # in that claim: the radiologist role
 
     @field_validator("ae_title")
     @classmethod
@@ -120,9 +134,9 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 characters without backslash")
         return v
 
-    @field_validator("allowed_callers", "called_ae_titles", mode="before")
+    @field_validator("allowed_callers", "called_ae_titles", "allowed_hosts", mode="before")
     @classmethod
-    def _split_callers(cls, v: Any) -> list[str]:
+    def _split_list(cls, v: Any) -> list[str]:
         if v is None:
             return []
         if isinstance(v, str):
@@ -138,14 +152,14 @@ class Settings(BaseSettings):
             return DicomPeer.parse(v)
         return v
 
-    @field_validator("ris_hl7", mode="before")
+    @field_validator("ris_hl7", "audit_syslog", mode="before")
     @classmethod
     def _parse_ris_hl7(cls, v: Any) -> Any:
         if v is None or (isinstance(v, str) and not v.strip()):
             return None
         return HostPort.parse(v) if isinstance(v, str) else v
 
-    @field_validator("orthanc_url", "fhir_url", mode="before")
+    @field_validator("orthanc_url", "fhir_url", "oidc_issuer", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -191,6 +205,14 @@ class Settings(BaseSettings):
     def db_path(self) -> Path:
         return self.data_dir / "lungnode.sqlite3"
 
+    @property
+    def accounts_path(self) -> Path:
+        return self.data_dir / "accounts.sqlite3"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_dir / "audit"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -202,4 +224,8 @@ def dump_yaml(settings: Settings) -> str:
     data = settings.model_dump(mode="json")
     data["pacs"] = str(settings.pacs) if settings.pacs else None
     data["ris_hl7"] = str(settings.ris_hl7) if settings.ris_hl7 else None
+    data["audit_syslog"] = str(settings.audit_syslog) if settings.audit_syslog else None
+    for secret in ("admin_password", "oidc_client_secret"):
+        if data[secret]:
+            data[secret] = "(set)"
     return yaml.safe_dump(data, sort_keys=False)

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, d in enumerate(study["result"]["detections"], start=1):
             x, y, z = d["center_mm"]
             print(f"N{i:<7}{x:>9.1f}{y:>9.1f}{z:>9.1f}{d['diameter_mm']:>8.1f}mm{d['score']:>7.2f}")
-        print(f"\nlungnode's reading-room page: {node.url}/studies/{study_uid}  (Vietnamese: add ?lang=vi)")
+        print(f"\nlungnode's reading-room page: {node.url}/studies/{study_uid}  (Vietnamese: add ?lang=vi); "
+              f"log in as admin, password {node.admin_password}")
         print("\nIn Orthanc's explorer, the study now holds the AI series (SR, key images, GSPS marks, SEG, KOS):")
         print(f"  {orthanc.url}/app/explorer.html#study?uuid={study_id}")
         for s in orthanc.series_of_study(study_uid):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -177,17 +178,21 @@ class OrthancServer:
 
 
 class NodeProcess:
-    """`lungnode serve` as a real process (so tests can kill and restart it)."""
+    """`lungnode serve` as a real process (so tests can kill and restart it). Its first admin account
+    (`admin`) gets a random password, `admin_password`; `http` is a session logged in as that admin."""
 
-    def __init__(self, data_dir: Path, **settings: str | int | float) -> None:
+    def __init__(self, data_dir: Path, **settings: str | int | float | Path) -> None:
         self.data_dir = data_dir
         self.dicom_port = free_port()
         self.http_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.url = f"{'https' if 'tls_cert' in settings else 'http'}://127.0.0.1:{self.http_port}"
+        self.admin_password = str(settings.pop("admin_password", secrets.token_urlsafe(16)))
         self.env = {**os.environ, "LUNGNODE_DATA_DIR": str(data_dir), "LUNGNODE_DICOM_PORT": str(self.dicom_port),
-                    "LUNGNODE_HTTP_PORT": str(self.http_port), "LUNGNODE_DICOM_HOST": "127.0.0.1"}
+                    "LUNGNODE_HTTP_PORT": str(self.http_port), "LUNGNODE_DICOM_HOST": "127.0.0.1",
+                    "LUNGNODE_ADMIN_PASSWORD": self.admin_password}
         self.env.update({f"LUNGNODE_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
+        self._http: requests.Session | None = None
 
     def start(self, timeout: float = 120) -> "NodeProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +218,28 @@ class NodeProcess:
     def stop(self) -> None:
         _terminate(self.proc, getattr(self, "log", None), 30)
 
+    def login(self, user: str = "admin", password: str | None = None) -> requests.Session:
+        """A session logged in through the login form, as a browser would, that sends the session's CSRF
+        token and this server's Origin with every request (so its POSTs pass the CSRF checks)."""
+        http = requests.Session()
+        r = http.post(f"{self.url}/login", data={"username": user, "password": password or self.admin_password},
+                      headers={"Origin": self.url}, allow_redirects=False, timeout=30)
+        if r.status_code != 303:
+            raise PermissionError(f"login as {user} failed: HTTP {r.status_code}")
+        me = http.get(f"{self.url}/api/me", timeout=10)
+        me.raise_for_status()
+        http.headers.update({"X-CSRF-Token": me.json()["csrf_token"], "Origin": self.url})
+        return http
+
+    @property
+    def http(self) -> requests.Session:
+        """Logged in as the admin (once, on first use; the session survives restarts of the node)."""
+        if self._http is None:
+            self._http = self.login()
+        return self._http
+
     def study(self, study_uid: str) -> dict | None:
-        r = requests.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
+        r = self.http.get(f"{self.url}/api/studies/{study_uid}", timeout=10)
         return r.json() if r.ok else None
 
     def log_text(self) -> str:

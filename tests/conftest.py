@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
+
+from lungnode.dicom_node.db import DONE, NOT_PROCESSED
+from lungnode.peers import PEER_ENV, NodeProcess, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,6 +33,21 @@ def need_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (apt-get install orthanc dcmtk dicom3tools)")
     return path
+
+
+def send_to_node(node: NodeProcess, files: list[Path]) -> str:
+    """C-STORE the files to the node with DCMTK's storescu; returns their Study Instance UID."""
+    out = subprocess.run([need_tool("storescu"), "-aet", "MODALITY", "-aec", "LUNGNODE", "127.0.0.1",
+                          str(node.dicom_port), *map(str, files)], env=PEER_ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def wait_processed(node: NodeProcess, study_uid: str, version: int = 1, timeout: float = 300) -> dict:
+    """The study once its results `version` are made (done, or not processed and why)."""
+    wait_for(lambda: (s := node.study(study_uid)) and s["version"] >= version and s["state"] in (DONE, NOT_PROCESSED),
+             timeout, f"study {study_uid} v{version} to be processed", interval=0.5)
+    return node.study(study_uid)
 
 
 @pytest.fixture(scope="session")

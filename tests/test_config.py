@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lungnode.config import DEFAULT_CONFIG, Settings
+from lungnode.config import DEFAULT_CONFIG, Settings, dump_yaml
 from lungnode.training.fit import load_config
 from tests.conftest import REPO
 
@@ -31,6 +31,21 @@ def test_shipped_yaml_gives_the_documented_defaults(monkeypatch):
     s = Settings()
     assert (s.ae_title, s.dicom_port, s.http_port, s.http_host) == ("LUNGNODE", 11112, 8000, "127.0.0.1")
     assert s.allowed_callers == [] and s.pacs is None
+    assert s.allowed_hosts == ["127.0.0.1", "localhost"] and s.tls_cert is None and s.audit_syslog is None
+
+
+def test_web_security_settings_from_the_environment(monkeypatch, tmp_path):
+    env = {"LUNGNODE_ALLOWED_HOSTS": "lungnode.hospital.lan, 10.0.0.5,", "LUNGNODE_AUDIT_SYSLOG": "arr.hospital.lan:6514",
+           "LUNGNODE_TLS_CERT": str(tmp_path / "node.pem"), "LUNGNODE_TLS_KEY": str(tmp_path / "node.key"),
+           "LUNGNODE_ADMIN_PASSWORD": "first admin secret"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = Settings()
+    assert s.allowed_hosts == ["lungnode.hospital.lan", "10.0.0.5"]
+    assert (s.audit_syslog.host, s.audit_syslog.port, s.audit_syslog_tls) == ("arr.hospital.lan", 6514, True)
+    assert (s.tls_cert, s.tls_key) == (tmp_path / "node.pem", tmp_path / "node.key")
+    printed = dump_yaml(s)  # what `lungnode config` shows
+    assert "arr.hospital.lan:6514" in printed and "first admin secret" not in printed
 
 
 def test_yaml_file_named_by_lungnode_config(monkeypatch, tmp_path):

@@ -325,16 +325,16 @@ def test_rest_api_lists_studies_reruns_and_resends(pacs_and_node, tmp_path):
     subprocess.run([need_tool("storescu"), "-aet", "STORESCU", "-aec", "LUNGNODE", "127.0.0.1", str(node.dicom_port),
                     *map(str, files)], env=PEER_ENV, check=True, capture_output=True)
     wait_done(node, study_uid)
-    listed = {s["study_uid"]: s for s in requests.get(f"{node.url}/api/studies", timeout=10).json()}
+    listed = {s["study_uid"]: s for s in node.http.get(f"{node.url}/api/studies", timeout=10).json()}
     assert listed[study_uid]["patient_id"] == "E2E-API" and listed[study_uid]["state"] == "done"
     assert requests.get(f"{node.url}/health", timeout=10).json()["status"] == "ok"
 
-    assert requests.post(f"{node.url}/api/studies/{study_uid}/resend", timeout=10).ok
+    assert node.http.post(f"{node.url}/api/studies/{study_uid}/resend", timeout=10).ok
     wait_for(lambda: len(node.study(study_uid)["deliveries"]) == 2 and node.study(study_uid)["deliveries"][-1]["state"]
              == "sent", 60, "the re-send")
     assert len(result_objects(orthanc, study_uid)[0]) == 1, "a re-send stores the same objects again, no copy"
 
-    assert requests.post(f"{node.url}/api/studies/{study_uid}/rerun", timeout=10).ok
+    assert node.http.post(f"{node.url}/api/studies/{study_uid}/rerun", timeout=10).ok
     wait_done(node, study_uid, version=2)
     wait_for(lambda: len(result_objects(orthanc, study_uid)[0]) == 1, 30, "the re-run to replace the SR")
-    assert requests.post(f"{node.url}/api/studies/1.2.3.4.5.999/rerun", timeout=10).status_code == 409
+    assert node.http.post(f"{node.url}/api/studies/1.2.3.4.5.999/rerun", timeout=10).status_code == 409

@@ -426,7 +426,7 @@ def test_node_reports_to_ris_once_despite_crash_ris_down_and_restart(tmp_path):
         assert ris.messages() == [text]
         assert requests.get(f"{node.url}/health", timeout=10).json()["pending_deliveries"] == 0
 
-        assert requests.post(f"{node.url}/api/studies/{study_uid}/resend", timeout=10).ok
+        assert node.http.post(f"{node.url}/api/studies/{study_uid}/resend", timeout=10).ok
         wait_for(lambda: len(ris.messages()) == 2 and all(d["state"] == "sent" for d in
                  node.study(study_uid)["deliveries"]), 60, "the resend", interval=0.5)
         assert ris.messages() == [text, text]  # the same bytes: MSH-10 tells the RIS it is a resend

@@ -1,5 +1,6 @@
 """The reading-room page in a real browser (Debian chromium driven by playwright), its JSON/PNG endpoints
-and /metrics, against a real `lungnode serve` process that storescu feeds over DICOM.
+and /metrics, against a real `lungnode serve` process that storescu feeds over DICOM. The browser logs in
+through the login form; the API calls use the node's logged-in admin session.
 
 The node's PACS is a port where nothing listens, so deliveries stay pending with their error: what a
 PACS admin sees while the PACS is down."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lungnode.dicom_node.db import DONE, FAILED, NOT_PROCESSED, PROCESSING, QUEUED, InstanceRecord, JobDB
 from lungnode.metrics import STATES, job_metrics
-from lungnode.peers import PEER_ENV, NodeProcess, free_port, wait_for
+from lungnode.peers import NodeProcess, free_port, wait_for
 from lungnode.web.i18n import LABELS
-from tests.conftest import REPO, need_tool
+from tests.conftest import REPO, send_to_node, wait_processed
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -78,37 +78,35 @@ def browser():
         browser.close()
 
 
-def send(node: NodeProcess, files: list[Path]) -> str:
-    out = subprocess.run([need_tool("storescu"), "-aet", "MODALITY", "-aec", "LUNGNODE", "127.0.0.1",
-                          str(node.dicom_port), *map(str, files)], env=PEER_ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-
-
-def wait_state(node: NodeProcess, study_uid: str, version: int = 1) -> dict:
-    wait_for(lambda: (s := node.study(study_uid)) and s["version"] >= version and s["state"] in (DONE, NOT_PROCESSED),
-             LONG / 1000, f"study {study_uid} v{version} to be processed", interval=0.5)
-    return node.study(study_uid)
+def logged_in_page(browser, node: NodeProcess, path: str, user: str = "admin", password: str | None = None):
+    """A fresh browser (no cookies) opens `path`, is sent to the login form, logs in, and is back at `path`."""
+    page = browser.new_context(viewport={"width": 1360, "height": 420}).new_page()
+    page.goto(f"{node.url}{path}")
+    expect(page).to_have_url(re.compile(r"/login\?next="))
+    page.locator("#username").fill(user)
+    page.locator("#password").fill(password or node.admin_password)
+    page.locator("#login-submit").click()
+    expect(page).to_have_url(f"{node.url}{path}")
+    return page
 
 
 @pytest.fixture(scope="module")
 def small_study(node, small_ct_series) -> str:
     """The small conftest phantom, sent and processed (for the endpoint and button tests)."""
-    uid = send(node, small_ct_series)
-    wait_state(node, uid)
+    uid = send_to_node(node, small_ct_series)
+    wait_processed(node, uid)
     return uid
 
 
 def test_worklist_shows_a_study_arrive_and_finish_and_its_page_shows_the_findings(node, browser, phantom_files,
                                                                                   scout_files):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page = browser.new_page(viewport={"width": 1360, "height": 420})
-    page.goto(f"{node.url}/")
+    page = logged_in_page(browser, node, "/")
     expect(page.locator("h1")).to_have_text(EN["worklist"])
     expect(page.locator("#empty")).to_contain_text("LUNGNODE")  # an empty worklist says where to send
 
-    scout = send(node, scout_files)
-    uid = send(node, phantom_files)
+    scout = send_to_node(node, scout_files)
+    uid = send_to_node(node, phantom_files)
     scout_row = page.locator(f'tr[data-study-uid="{scout}"]')
     expect(scout_row.locator(".badge[data-state]")).to_have_text(EN["state_not_processed"], timeout=LONG)
     expect(scout_row.locator(".why")).to_contain_text("slices, fewer than")  # and why
@@ -134,7 +132,7 @@ def test_worklist_shows_a_study_arrive_and_finish_and_its_page_shows_the_finding
     expect(page.locator("#key-images img")).to_have_count(n)
     page.wait_for_function("[...document.querySelectorAll('#key-images img')].every(i => i.naturalWidth > 0)")
 
-    viewer = requests.get(f"{node.url}/api/studies/{uid}/viewer", timeout=60).json()
+    viewer = node.http.get(f"{node.url}/api/studies/{uid}/viewer", timeout=60).json()
     assert len(viewer["nodules"]) == n
     slider = page.locator("#slider")
     slider.focus()
@@ -167,11 +165,32 @@ def test_worklist_shows_a_study_arrive_and_finish_and_its_page_shows_the_finding
     expect(row.locator(".badge[data-state]")).to_have_text(VI["state_done"])
     expect(row.locator("td.patient a")).to_have_attribute("href", re.compile(r"lang=vi$"))
     page.screenshot(path=SCREENSHOTS / "worklist_vi.png", full_page=True)
-    page.close()
+    page.context.close()
+
+
+def test_login_form_refuses_a_wrong_password_and_logout_ends_the_session(node, browser):
+    page = browser.new_context().new_page()
+    page.goto(f"{node.url}/?lang=vi")
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F%3Flang%3Dvi&lang=vi$"))
+    expect(page.locator("h1")).to_have_text(VI["login"])
+    page.locator("#username").fill("admin")
+    page.locator("#password").fill(node.admin_password + "-wrong")
+    page.locator("#login-submit").click()
+    expect(page.locator("#login-failed")).to_have_text(VI["login_failed"])
+    expect(page.locator("#username")).to_have_value("admin")
+    page.locator("#password").fill(node.admin_password)
+    page.locator("#login-submit").click()
+    expect(page).to_have_url(f"{node.url}/?lang=vi")
+    expect(page.locator("#user")).to_have_text(f"admin · {VI['role_admin']}")
+    page.locator("#logout").click()
+    expect(page).to_have_url(re.compile(r"/login\?lang=vi$"))
+    page.goto(f"{node.url}/")  # the session is over: back to the login form
+    expect(page).to_have_url(re.compile(r"/login\?next=%2F$"))
+    page.context.close()
 
 
 def test_rerun_and_resend_buttons_ask_first_and_show_what_happened(node, browser, small_study):
-    page = browser.new_page(viewport={"width": 1360, "height": 420})
+    page = logged_in_page(browser, node, f"/studies/{small_study}")
     asked: list[str] = []
     answer = {"accept": False}
 
@@ -180,7 +199,6 @@ def test_rerun_and_resend_buttons_ask_first_and_show_what_happened(node, browser
         dialog.accept() if answer["accept"] else dialog.dismiss()
 
     page.on("dialog", on_dialog)
-    page.goto(f"{node.url}/studies/{small_study}")
     expect(page.locator("#facts .badge[data-state]")).to_have_text(EN["state_done"], timeout=30_000)
     found = len(node.study(small_study)["result"]["detections"])
     if found:  # the page lists what the node found, or says it found nothing
@@ -196,7 +214,7 @@ def test_rerun_and_resend_buttons_ask_first_and_show_what_happened(node, browser
     answer["accept"] = True
     page.locator("#rerun").click()
     expect(page.locator("#notice")).to_have_text(EN["rerun_ok"])
-    wait_state(node, small_study, version=2)
+    wait_processed(node, small_study, version=2)
     expect(page.locator('#facts [data-fact="version"] dd')).to_have_text("2", timeout=30_000)
 
     page.locator("#resend").click()
@@ -208,30 +226,30 @@ def test_rerun_and_resend_buttons_ask_first_and_show_what_happened(node, browser
     expect(rows).to_have_count(3)
     expect(rows.first.locator(".badge")).to_have_text(EN["delivery_state_pending"])
     expect(rows.last.locator(".badge")).to_have_text(EN["delivery_state_superseded"])
-    page.close()
+    page.context.close()
 
 
 def test_page_endpoints_answer_with_images_and_documented_models(node, small_study, small_ct_series):
-    study = requests.get(f"{node.url}/api/studies/{small_study}", timeout=10).json()
-    viewer = requests.get(f"{node.url}/api/studies/{small_study}/viewer", timeout=60).json()
+    study = node.http.get(f"{node.url}/api/studies/{small_study}", timeout=10).json()
+    viewer = node.http.get(f"{node.url}/api/studies/{small_study}/viewer", timeout=60).json()
     first = pydicom.dcmread(small_ct_series[0], stop_before_pixels=True)
     assert viewer["series_uid"] == study["series_uid"]
     assert [n["number"] for n in viewer["nodules"]] == list(range(1, len(study["result"]["detections"]) + 1))
     assert (viewer["rows"], viewer["columns"]) == (first.Rows, first.Columns)
     last = viewer["slices"] - 1
-    r = requests.get(f"{node.url}/api/studies/{small_study}/slices/{last}", timeout=30)
+    r = node.http.get(f"{node.url}/api/studies/{small_study}/slices/{last}", timeout=30)
     assert r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (viewer["columns"], viewer["rows"])
-    assert requests.get(f"{node.url}/api/studies/{small_study}/slices/{last + 1}", timeout=10).status_code == 404
+    assert node.http.get(f"{node.url}/api/studies/{small_study}/slices/{last + 1}", timeout=10).status_code == 404
     beyond = len(study["key_images"]) + 1
-    assert requests.get(f"{node.url}/api/studies/{small_study}/key-images/{beyond}", timeout=10).status_code == 404
-    assert requests.get(f"{node.url}/api/studies/1.2.3.999/viewer", timeout=10).status_code == 404
-    assert requests.get(f"{node.url}/studies/1.2.3.999", timeout=10).status_code == 404
+    assert node.http.get(f"{node.url}/api/studies/{small_study}/key-images/{beyond}", timeout=10).status_code == 404
+    assert node.http.get(f"{node.url}/api/studies/1.2.3.999/viewer", timeout=10).status_code == 404
+    assert node.http.get(f"{node.url}/studies/1.2.3.999", timeout=10).status_code == 404
 
-    listed = {s["study_uid"]: s for s in requests.get(f"{node.url}/api/studies", timeout=10).json()}
+    listed = {s["study_uid"]: s for s in node.http.get(f"{node.url}/api/studies", timeout=10).json()}
     assert listed[small_study]["pending_deliveries"] == sum(d["state"] == "pending" for d in study["deliveries"])
 
-    spec = requests.get(f"{node.url}/openapi.json", timeout=10).json()
+    spec = node.http.get(f"{node.url}/openapi.json", timeout=10).json()
     for path in ("/api/studies", "/api/studies/{study_uid}", "/api/studies/{study_uid}/viewer",
                  "/api/studies/{study_uid}/slices/{k}", "/api/studies/{study_uid}/key-images/{number}",
                  "/api/studies/{study_uid}/rerun", "/api/studies/{study_uid}/resend", "/metrics"):
@@ -244,16 +262,16 @@ def test_page_endpoints_answer_with_images_and_documented_models(node, small_stu
 def test_key_image_endpoint_returns_the_burned_in_images(node, phantom_files):
     uid = str(pydicom.dcmread(phantom_files[0], stop_before_pixels=True).StudyInstanceUID)
     if node.study(uid) is None:  # the browser test, which sends it, was skipped
-        send(node, phantom_files)
-    study = wait_state(node, uid)
+        send_to_node(node, phantom_files)
+    study = wait_processed(node, uid)
     assert [k["number"] for k in study["key_images"]] == list(range(1, len(study["result"]["detections"]) + 1))
-    full = Image.open(io.BytesIO(requests.get(node.url + study["key_images"][0]["url"], timeout=30).content))
-    thumb = Image.open(io.BytesIO(requests.get(node.url + study["key_images"][0]["thumbnail_url"], timeout=30).content))
+    full = Image.open(io.BytesIO(node.http.get(node.url + study["key_images"][0]["url"], timeout=30).content))
+    thumb = Image.open(io.BytesIO(node.http.get(node.url + study["key_images"][0]["thumbnail_url"], timeout=30).content))
     assert full.mode == "RGB" and max(full.size) >= 512 and max(thumb.size) == 256
 
 
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
-    """Prometheus text -> {sample name: {label items: value}}."""
+    """Prometheus text -> {sample name: {label items: value}} (/metrics needs no login)."""
     text = requests.get(f"{url}/metrics", timeout=10).text
     out: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(text):
@@ -263,7 +281,7 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
 
 
 def test_metrics_match_the_job_database(node, small_study):
-    wait_for(lambda: all(s["state"] not in (QUEUED, PROCESSING) for s in requests.get(
+    wait_for(lambda: all(s["state"] not in (QUEUED, PROCESSING) for s in node.http.get(
         f"{node.url}/api/studies", timeout=10).json()), 300, "the queue to drain", interval=0.5)
     m = scrape(node.url)
     db = JobDB(node.data_dir / "lungnode.sqlite3")

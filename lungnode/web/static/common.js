@@ -51,10 +51,20 @@ function pendingBadge(study) {
     : null;
 }
 
+function toLogin() {
+  window.location.assign(`/login?next=${encodeURIComponent(location.pathname + location.search)}&lang=${P.lang}`);
+}
+
 async function getJSON(url) {
   const response = await fetch(url, { cache: "no-store" });
+  if (response.status === 401) toLogin(); // the session ended: log in again
   if (!response.ok) throw new Error(`${response.status} ${url}`);
   return response.json();
+}
+
+// Every state-changing request carries the session's CSRF token; the server refuses it without.
+function post(url) {
+  return fetch(url, { method: "POST", headers: { "X-CSRF-Token": P.csrf } });
 }
 
 function every(ms, fn) {
@@ -62,4 +72,10 @@ function every(ms, fn) {
   tick();
 }
 
-document.getElementById("node-info").textContent = t("node_info", P.node);
+if (P.user) {
+  document.getElementById("node-info").textContent = t("node_info", P.node);
+  document.getElementById("logout").addEventListener("click", async () => {
+    await post("/logout");
+    window.location.assign(`/login?lang=${P.lang}`);
+  });
+}

@@ -134,9 +134,10 @@ function notice(text, ok) {
 }
 
 function action(button, path, confirmKey, okKey) {
+  if (!$(button)) return; // shown to admins only
   $(button).addEventListener("click", async () => {
     if (!window.confirm(L[confirmKey])) return;
-    const response = await fetch(`${api}/${path}`, { method: "POST" });
+    const response = await post(`${api}/${path}`);
     const body = await response.json().catch(() => ({}));
     notice(response.ok ? L[okKey] : t("action_failed", { message: body.detail || response.status }), response.ok);
     await refresh();
