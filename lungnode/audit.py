@@ -36,6 +36,7 @@ from pathlib import Path
 
 from lungnode.audit_syslog import SyslogSender, client_context, rfc5424
 from lungnode.config import Settings
+from lungnode.dicom_node.receiver import AssociationRecord
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,13 @@ class AuditTrail:
                                event_types=(APPLICATION_START if started else APPLICATION_STOP,)))
 
     # --- the DICOM side --------------------------------------------------------------------------
+    def dicom_association(self, record: AssociationRecord) -> None:
+        """`association` for what the DICOM listener reports of one connection (its `on_association`)."""
+        self.association(calling_ae=record.calling_ae or "(none)", called_ae=record.called_ae or "(none)",
+                         peer_ip=record.peer_ip, tls=record.tls, instances_stored=record.instances_stored,
+                         study_uids=list(record.study_uids),
+                         outcome="success" if record.outcome == "released" else record.outcome)
+
     def association(self, *, calling_ae: str, called_ae: str, peer_ip: str, tls: bool, instances_stored: int,
                     study_uids: list[str], outcome: str) -> None:
         """One DICOM association, at its end (or at its rejection). `outcome` is "success" or the reason

@@ -16,6 +16,7 @@ import pydicom
 from lungnode.config import Settings
 from lungnode.dicom_node.completion import CompletionMonitor
 from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB
+from lungnode.dicom_node.receiver import AssociationHandler
 from lungnode.dicom_node.reconcile import reconcile
 from lungnode.dicom_node.retention import purge_expired
 from lungnode.dicom_node.scp import StorageSCP
@@ -55,12 +56,13 @@ def destinations(s: Settings) -> list[Destination]:
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_association: AssociationHandler | None = None) -> None:
+        """``on_association`` hears how each DICOM connection went (the audit trail)."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = JobDB(settings.db_path)
         self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
-        self.scp = StorageSCP(settings, self.store, self.db)
+        self.scp = StorageSCP(settings, self.store, self.db, on_association)
         self._stop = threading.Event()
         self.completion = CompletionMonitor(self.db, settings.stable_seconds, settings.poll_seconds, self._stop)
         self._threads: list[threading.Thread] = []

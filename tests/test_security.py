@@ -5,6 +5,7 @@ cannot re-run or re-send, API tokens from `lungnode users token` work and are re
 page with Secure cookies, and what users do is in the audit trail (local log and syslog over TLS)."""
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import ssl
@@ -23,9 +24,9 @@ from lungnode.api import create_app
 from lungnode.audit import AuditTrail
 from lungnode.config import Settings
 from lungnode.node import Node
-from lungnode.peers import NodeProcess, free_port, wait_for
+from lungnode.peers import PEER_ENV, NodeProcess, free_port, wait_for
 from lungnode.web.security import is_open
-from tests.conftest import send_to_node, wait_processed
+from tests.conftest import need_tool, send_to_node, wait_processed
 from tests.oidc_provider import Provider
 from tests.syslog_collector import Collector
 
@@ -185,6 +186,7 @@ def test_viewing_rerunning_and_resending_a_study_leave_audit_records(node, reade
     images = find_records(node, "110103", READER, study)  # DICOM Instances Accessed: the viewer and the slice
     assert len(images) == 1 and images[0].find("EventIdentification").get("EventActionCode") == "R"
 
+    version = node.study(study)["version"]
     assert node.http.post(f"{node.url}/api/studies/{study}/rerun", timeout=10).ok
     assert node.http.post(f"{node.url}/api/studies/{study}/resend", timeout=10).ok
     rerun = [r for r in find_records(node, "110103", "admin", study)
@@ -193,7 +195,24 @@ def test_viewing_rerunning_and_resending_a_study_leave_audit_records(node, reade
               if r.find("EventIdentification/EventTypeCode").get("csd-code") == "RESEND"]
     assert rerun and rerun[-1].find("EventIdentification").get("EventOutcomeIndicator") == "0"
     assert resend and resend[-1].find("EventIdentification").get("EventOutcomeIndicator") == "0"
-    wait_processed(node, study, version=3)
+    wait_processed(node, study, version=version + 1)
+
+
+def test_each_dicom_association_is_audited_with_caller_address_tls_and_studies(node, small_ct_series, study):
+    """The store that sent the study, and an association refused for its Called AE title."""
+    (stored,) = find_records(node, "110104", "MODALITY", study)
+    assert stored.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+    assert {c.get("csd-code") for c in stored.iter("EventTypeCode")} == {"PLAIN"}  # not over TLS here
+    details = {d.get("type"): base64.b64decode(d.get("value")).decode()
+               for d in stored.iter("ParticipantObjectDetail")}
+    assert details.get("InstancesStoredInAssociation") == str(len(small_ct_series))
+    refused = subprocess.run([need_tool("echoscu"), "-aet", "PROBE", "-aec", "WRONGAE", "127.0.0.1",
+                              str(node.dicom_port)], env=PEER_ENV, capture_output=True, text=True)
+    assert refused.returncode != 0
+    wait_for(lambda: find_records(node, "110114", "PROBE"), 10, "the refused association's audit record", 0.1)
+    (login,) = find_records(node, "110114", "PROBE")
+    assert login.find("EventIdentification").get("EventOutcomeIndicator") != "0"
+    assert "WRONGAE" in login.findtext("EventIdentification/EventOutcomeDescription")
 
 
 def test_logins_good_and_bad_and_logouts_are_audited_and_the_cookie_is_locked_down(node):
