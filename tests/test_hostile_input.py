@@ -30,6 +30,8 @@ from lungnode.pipeline import results_dir_for
 from tests.conftest import need_tool
 
 CT = str(CTImageStorage)
+# pydicom warns of each invalid UID this module writes on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
 HOSTILE_UIDS = ["..", "/tmp/lungnode-hostile", "../../x", "1." * 32 + "1", "1..2", ".1.2", "1.2.", "", "1.2.a"]
 
 

@@ -128,6 +128,16 @@ def test_no_server_path_in_what_the_api_answers(node, study):
     assert str(node.data_dir) not in detail.text and "/tmp" not in detail.text
 
 
+def test_the_application_log_holds_no_patient_name_or_id(node, study):
+    """The study was received, processed, shown and delivered: its log (INFO) names Study UIDs and AE
+    titles, never the patient."""
+    detail = node.study(study)
+    assert detail["patient_id"] and detail["patient_name"]
+    log_text = node.log_text()
+    assert study in log_text  # the log does speak of the study ...
+    assert detail["patient_id"] not in log_text and detail["patient_name"] not in log_text  # ... not of its patient
+
+
 def test_a_cross_origin_or_token_less_post_is_refused(node, study):
     admin = node.http
     rerun = f"{node.url}/api/studies/{study}/rerun"
