@@ -52,8 +52,8 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _http_ok(url: str) -> bool:
-    return requests.get(url, timeout=2).ok
+def _http_ok(url: str, verify: bool | str = True) -> bool:
+    return requests.get(url, timeout=2, verify=verify).ok
 
 
 def _terminate(proc: subprocess.Popen | None, log, timeout: float) -> None:
@@ -186,6 +186,7 @@ class NodeProcess:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.url = f"{'https' if 'tls_cert' in settings else 'http'}://127.0.0.1:{self.http_port}"
+        self.verify: bool | str = str(settings["tls_ca"]) if "tls_ca" in settings else True  # HTTPS: trust its CA
         self.admin_password = str(settings.pop("admin_password", secrets.token_urlsafe(16)))
         self.env = {**os.environ, "LUNGNODE_DATA_DIR": str(data_dir), "LUNGNODE_DICOM_PORT": str(self.dicom_port),
                     "LUNGNODE_HTTP_PORT": str(self.http_port), "LUNGNODE_DICOM_HOST": "127.0.0.1",
@@ -203,7 +204,7 @@ class NodeProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"lungnode exited with {self.proc.returncode}; see {self.data_dir / 'node.log'}")
-            return _http_ok(f"{self.url}/health")
+            return _http_ok(f"{self.url}/health", self.verify)
 
         wait_for(ready, timeout, "lungnode to start")
         return self
@@ -222,6 +223,7 @@ class NodeProcess:
         """A session logged in through the login form, as a browser would, that sends the session's CSRF
         token and this server's Origin with every request (so its POSTs pass the CSRF checks)."""
         http = requests.Session()
+        http.verify = self.verify
         r = http.post(f"{self.url}/login", data={"username": user, "password": password or self.admin_password},
                       headers={"Origin": self.url}, allow_redirects=False, timeout=30)
         if r.status_code != 303:
