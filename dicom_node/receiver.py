@@ -138,6 +138,18 @@ def response_command(field: int, message_id: int, sop_class: str, status: int, s
     return encode_command(elements)
 
 
+def own_user_information() -> list:
+    """The user information this node sends in its A-ASSOCIATE-RQ and -AC: the largest P-DATA-TF it takes,
+    its implementation class UID and version name (PS3.7 D.3.3)."""
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = MAX_RECEIVE_PDU
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = IMPLEMENTATION_VERSION
+    return [max_len, impl, version]
+
+
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """Preamble, DICM prefix and File Meta Information (Explicit VR Little Endian) for a received data set."""
     def short(elem: int, vr: bytes, value: bytes) -> bytes:
@@ -340,13 +352,7 @@ class _Association:
         ac.called_ae_title = rq.called_ae_title
         ac.result, ac.result_source = 0x00, 0x01
         ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = MAX_RECEIVE_PDU
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = IMPLEMENTATION_VERSION
-        ac.user_information = [max_len, impl, version, *roles]
+        ac.user_information = [*own_user_information(), *roles]
         out = A_ASSOCIATE_AC()
         out.from_primitive(ac)
         self.sock.sendall(out.encode())

@@ -22,8 +22,6 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
 from pynetdicom.presentation import PresentationContext
@@ -44,10 +42,9 @@ from lungnode.dicom_node.pdu_rules import (
 from lungnode.dicom_node.receiver import (
     APPLICATION_CONTEXT,
     C_STORE_RQ_FIELD,
-    IMPLEMENTATION_UID,
-    IMPLEMENTATION_VERSION,
     MAX_RECEIVE_PDU,
     encode_command,
+    own_user_information,
 )
 
 
@@ -182,13 +179,7 @@ def _associate_rq(calling_ae: str, called_ae: str, proposed: dict[int, tuple[str
         cx.context_id, cx.abstract_syntax = context_id, sop_class
         cx.add_transfer_syntax(syntax)
         rq.presentation_context_definition_list.append(cx)
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = MAX_RECEIVE_PDU
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = IMPLEMENTATION_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION
-    rq.user_information = [max_len, impl, version]
+    rq.user_information = own_user_information()
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(rq)
     return pdu.encode()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from lungnode.dicom_node.uids import checked_uid, inside
+from lungnode.dicom_node.uids import checked_uid
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z\-]")
 
@@ -91,10 +91,11 @@ class InstanceStore:
         self.quarantine.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Where an instance is filed; InvalidUID when any of the three is not a UID."""
-        parts = (checked_uid("StudyInstanceUID", study_uid), checked_uid("SeriesInstanceUID", series_uid),
-                 checked_uid("SOPInstanceUID", sop_uid))
-        return inside(self.root, self.root / parts[0] / parts[1] / f"{parts[2]}.dcm")
+        """Where an instance is filed; InvalidUID when any of the three is not a UID. A UID is digits and
+        dots with no empty component, so it can be no `..` nor a separator: the path cannot leave the root,
+        and the receive path spends no file-system lookups proving it."""
+        return (self.root / checked_uid("StudyInstanceUID", study_uid) / checked_uid("SeriesInstanceUID", series_uid)
+                / f"{checked_uid('SOPInstanceUID', sop_uid)}.dcm")
 
     def sync(self) -> None:
         sync_filesystem(self.root)
