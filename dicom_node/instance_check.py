@@ -31,6 +31,7 @@ def check_instance(data: bytes, store: InstanceStore, caller: str, affected_sop_
     try:
         ds = dcmread(BytesIO(data), defer_size=1024)  # header parsed, pixels skipped
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not ds.get(k)]
+        sop_class = str(ds.get("SOPClassUID", ""))  # every element read here converts (a bad VR raises) here
     except Exception as exc:  # pydicom raises many kinds on hostile bytes; each is a refusal
         raise Refused(CANNOT_UNDERSTAND, f"cannot parse the data set: {type(exc).__name__}: {exc}") from exc
     if missing:
@@ -42,7 +43,6 @@ def check_instance(data: bytes, store: InstanceStore, caller: str, affected_sop_
     sop_uid = str(ds.SOPInstanceUID).rstrip("\0 ")
     if affected_sop_uid and sop_uid != str(affected_sop_uid):
         raise Refused(DATASET_MISMATCH, f"SOPInstanceUID {sop_uid} differs from the request's {affected_sop_uid}")
-    sop_class = str(ds.get("SOPClassUID", ""))
     if affected_sop_class and sop_class != affected_sop_class:
         raise Refused(DATASET_MISMATCH, f"SOPClassUID {sop_class} differs from the request's {affected_sop_class}")
     try:

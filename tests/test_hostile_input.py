@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -19,6 +20,7 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from lungnode.dicom_node.instance_check import Refused, check_instance
 from lungnode.dicom_node.image_check import ImageProblem, check_image
 from lungnode.dicom_node.pdu_rules import ProtocolViolation, check_associate_rq, pdv_items
 from lungnode.dicom_node.receiver import Acceptor, AcceptorPolicy, StoreStatus
@@ -437,6 +439,21 @@ def test_encapsulated_pixel_data_is_checked_item_by_item(small_ct_series):
         ds.PixelData = broken
         with pytest.raises(ImageProblem, match=why):
             check_image(ds, 0)
+
+
+def test_an_element_pydicom_cannot_convert_is_a_refusal_not_a_crash(small_ct_series, tmp_path):
+    """Found by the fuzzer: SOP Class UID with the unknown VR 'UM' raised NotImplementedError past the checks."""
+    ds = pydicom.dcmread(small_ct_series[0])
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    sop_class = struct.pack("<HH", 0x0008, 0x0016) + b"UI"
+    assert data.count(sop_class) == 1
+    with pytest.raises(Refused, match="Unknown Value Representation 'UM'") as refused:
+        check_instance(data.replace(sop_class, sop_class[:4] + b"UM"), InstanceStore(tmp_path / "in", tmp_path / "q"),
+                       "PACS")
+    assert refused.value.status == 0xC000
 
 
 def item_bytes(payload: bytes) -> bytes:
