@@ -79,13 +79,12 @@ def nearest_nodule(centres: np.ndarray, nodules: np.ndarray, diameters_mm, spaci
 
 
 def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, floor: float, per_scan: int) -> Path:
-    detector = Detector(load_model(model))
-    if detector.rescorer is not None:
-        raise ValueError(f"model {model} already has a second stage: mine with its first-stage model")
+    detector = Detector(load_model(model))  # its first stage's candidates; a second stage it has is not used
     folder = out / "scans"
     folder.mkdir(parents=True, exist_ok=True)
     (out / "mining.json").write_text(json.dumps({
         "model": detector.spec.info.name, "model_sha256": detector.spec.info.sha256,
+        "second_stage_sha256": detector.spec.card.second_stage.onnx_sha256 if detector.spec.card.second_stage else None,
         "patch_size": list(patch_size), "margin": margin, "floor": floor, "per_scan": per_scan,
         "model_spacing_mm": list(detector.settings.spacing_mm),
     }, indent=2))
