@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from lungnode.accounts import Principal
@@ -20,6 +20,7 @@ from lungnode.inference.types import DetectionResult
 from lungnode.web.images import SeriesView
 from lungnode.web.security import client_ip, principal, require_reviewer
 
+PREFIX = "/api/studies/{study_uid}/feedback"
 REFUSALS = {403: {"description": "a viewer (feedback needs the radiologist or admin role)"},
             409: {"description": "the study has newer results, or the review is not ready to complete"},
             422: {"description": "a reason missing or not in the list, a finding that does not exist"}}
@@ -38,9 +39,9 @@ class AddedIn(BaseModel):
 
     version: int = Field(ge=1)
     slice: int = Field(ge=0)
-    column_px: float = Field(ge=0)
-    row_px: float = Field(ge=0)
-    diameter_mm: float = Field(6.0, gt=0, le=100)
+    column_px: float = Field(ge=0, allow_inf_nan=False)
+    row_px: float = Field(ge=0, allow_inf_nan=False)
+    diameter_mm: float = Field(6.0, gt=0, le=100, allow_inf_nan=False)
 
 
 class VersionIn(BaseModel):
@@ -72,10 +73,9 @@ class FeedbackOut(BaseModel):
     can_write: bool
 
 
-def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_or_404: Callable[[str], Study],
+def add_feedback_routes(app: FastAPI, *, store: FeedbackStore, audit: AuditTrail, study_or_404: Callable[[str], Study],
                         result_of: Callable[[Study], DetectionResult | None],
                         series_view: Callable[[str], SeriesView]) -> None:
-    router = APIRouter(prefix="/api/studies/{study_uid}/feedback", tags=["feedback"])
 
     def current(study_uid: str, version: int) -> tuple[Study, DetectionResult]:
         """The study and its results, when `version` is still its latest processed one."""
@@ -105,11 +105,11 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
             counts=ReviewCounts(s.version, review.confirmed, review.rejected, len(review.added),
                                 review.completion is not None))
 
-    @router.get("", summary="The feedback recorded on the study's latest results", response_model=FeedbackOut)
+    @app.get(PREFIX, summary="The feedback recorded on the study's latest results", response_model=FeedbackOut)
     def read(study_uid: str, request: Request) -> FeedbackOut:
         return answer(study_or_404(study_uid), principal(request))
 
-    @router.put("/findings/{number}", summary="Confirm finding N<number>, or reject it with a reason; "
+    @app.put(PREFIX + "/findings/{number}", summary="Confirm finding N<number>, or reject it with a reason; "
                 "radiologist or admin", response_model=FeedbackOut, responses=REFUSALS)
     def judge(study_uid: str, number: int, body: VerdictIn, request: Request,
               who: Principal = Depends(require_reviewer)) -> FeedbackOut:
@@ -128,7 +128,7 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
         audited(request, who, s, "U" if number in before else "C", f"v{s.version} N{number} {v.verdict}{why}")
         return answer(s, who)
 
-    @router.delete("/findings/{number}", summary="Withdraw the verdict on N<number>; radiologist or admin",
+    @app.delete(PREFIX + "/findings/{number}", summary="Withdraw the verdict on N<number>; radiologist or admin",
                    response_model=FeedbackOut, responses=REFUSALS)
     def withdraw(study_uid: str, number: int, version: int, request: Request,
                  who: Principal = Depends(require_reviewer)) -> FeedbackOut:
@@ -138,7 +138,7 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
         audited(request, who, s, "D", f"v{s.version} N{number} verdict withdrawn")
         return answer(s, who)
 
-    @router.post("/added", summary="Add a nodule the model missed, clicked on a slice; radiologist or admin",
+    @app.post(PREFIX + "/added", summary="Add a nodule the model missed, clicked on a slice; radiologist or admin",
                  response_model=FeedbackOut, responses=REFUSALS)
     def add(study_uid: str, body: AddedIn, request: Request, who: Principal = Depends(require_reviewer)) -> FeedbackOut:
         s, _ = current(study_uid, body.version)
@@ -152,17 +152,17 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
                 f"({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, {a.diameter_mm:.1f} mm")
         return answer(s, who)
 
-    @router.delete("/added/{nodule_id}", summary="Remove an added nodule; radiologist or admin",
+    @app.delete(PREFIX + "/added/{number}", summary="Remove added nodule A<number>; radiologist or admin",
                    response_model=FeedbackOut, responses=REFUSALS)
-    def remove(study_uid: str, nodule_id: int, version: int, request: Request,
+    def remove(study_uid: str, number: int, version: int, request: Request,
                who: Principal = Depends(require_reviewer)) -> FeedbackOut:
         s, _ = current(study_uid, version)
-        if not store.remove_nodule(study_uid, s.version, nodule_id):
-            raise HTTPException(404, f"no added nodule {nodule_id} on version {s.version}")
-        audited(request, who, s, "D", f"v{s.version} added nodule A{nodule_id} removed")
+        if not store.remove_nodule(study_uid, s.version, number):
+            raise HTTPException(404, f"no added nodule A{number} on version {s.version}")
+        audited(request, who, s, "D", f"v{s.version} added nodule A{number} removed")
         return answer(s, who)
 
-    @router.post("/complete", summary="Mark the review complete (every finding has a verdict); "
+    @app.post(PREFIX + "/complete", summary="Mark the review complete (every finding has a verdict); "
                  "radiologist or admin", response_model=FeedbackOut, responses=REFUSALS)
     def complete(study_uid: str, body: VersionIn, request: Request,
                  who: Principal = Depends(require_reviewer)) -> FeedbackOut:
@@ -174,7 +174,7 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
         audited(request, who, s, "C", f"v{s.version} review complete")
         return answer(s, who)
 
-    @router.delete("/complete", summary="Reopen a completed review; radiologist or admin",
+    @app.delete(PREFIX + "/complete", summary="Reopen a completed review; radiologist or admin",
                    response_model=FeedbackOut, responses=REFUSALS)
     def reopen(study_uid: str, version: int, request: Request,
                who: Principal = Depends(require_reviewer)) -> FeedbackOut:
@@ -183,7 +183,6 @@ def add_feedback_routes(app, *, store: FeedbackStore, audit: AuditTrail, study_o
             audited(request, who, s, "D", f"v{s.version} review reopened")
         return answer(s, who)
 
-    app.include_router(router)
 
 
 def _added_out(a: AddedNodule, view: SeriesView | None) -> AddedOut:
