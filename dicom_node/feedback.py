@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS added_nodules(
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   study_uid TEXT NOT NULL, version INTEGER NOT NULL,
   x_mm REAL NOT NULL, y_mm REAL NOT NULL, z_mm REAL NOT NULL, diameter_mm REAL NOT NULL,
-  sop_uid TEXT NOT NULL, user TEXT NOT NULL, at REAL NOT NULL);
+  sop_uid TEXT NOT NULL, slice INTEGER NOT NULL, column_px REAL NOT NULL, row_px REAL NOT NULL,
+  user TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS added_study ON added_nodules(study_uid, version);
 CREATE TABLE IF NOT EXISTS reviews(
   study_uid TEXT NOT NULL, version INTEGER NOT NULL, series_uid TEXT NOT NULL, findings INTEGER NOT NULL,
@@ -68,8 +69,17 @@ class FindingVerdict:
 
 
 @dataclass(frozen=True)
+class Click:
+    """Where on the processed series a nodule was marked: slice index and image pixel position."""
+
+    slice: int
+    column_px: float
+    row_px: float
+
+
+@dataclass(frozen=True)
 class AddedNodule:
-    """A nodule the model missed, marked by the radiologist on slice `sop_uid`."""
+    """A nodule the model missed, marked by the radiologist on slice `sop_uid` (at `click`)."""
 
     id: int
     study_uid: str
@@ -77,6 +87,7 @@ class AddedNodule:
     center_mm: tuple[float, float, float]  # LPS
     diameter_mm: float
     sop_uid: str
+    click: Click
     user: str
     at: float
 
@@ -183,16 +194,17 @@ class FeedbackStore:
             return gone
 
     def add_nodule(self, study_uid: str, version: int, center_mm: tuple[float, float, float], diameter_mm: float,
-                   sop_uid: str, user: str) -> AddedNodule:
+                   sop_uid: str, click: Click, user: str) -> AddedNodule:
         if not 0 < diameter_mm <= 100:
             raise FeedbackError(f"a nodule's diameter is more than 0 and at most 100 mm, got {diameter_mm}")
         at = time.time()
         with self._tx() as c:
             cur = c.execute("INSERT INTO added_nodules(study_uid, version, x_mm, y_mm, z_mm, diameter_mm, sop_uid, "
-                            "user, at) VALUES(?,?,?,?,?,?,?,?,?)",
-                            (study_uid, version, *center_mm, diameter_mm, sop_uid, user, at))
+                            "slice, column_px, row_px, user, at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (study_uid, version, *center_mm, diameter_mm, sop_uid, click.slice, click.column_px,
+                             click.row_px, user, at))
             self._reopen(c, study_uid, version)
-        return AddedNodule(int(cur.lastrowid), study_uid, version, center_mm, diameter_mm, sop_uid, user, at)
+        return AddedNodule(int(cur.lastrowid), study_uid, version, center_mm, diameter_mm, sop_uid, click, user, at)
 
     def remove_nodule(self, study_uid: str, version: int, nodule_id: int) -> bool:
         with self._tx() as c:
@@ -274,7 +286,7 @@ def _verdict(r: sqlite3.Row) -> FindingVerdict:
 
 def _added(r: sqlite3.Row) -> AddedNodule:
     return AddedNodule(r["id"], r["study_uid"], r["version"], (r["x_mm"], r["y_mm"], r["z_mm"]), r["diameter_mm"],
-                       r["sop_uid"], r["user"], r["at"])
+                       r["sop_uid"], Click(r["slice"], r["column_px"], r["row_px"]), r["user"], r["at"])
 
 
 class _Tx:

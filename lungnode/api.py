@@ -225,7 +225,7 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     add_feedback_routes(app, store=node.feedback, audit=audit, study_or_404=study_or_404, result_of=result_of,
-                        series_view=series_view)
+                        series_view=series_view, on_read=access.record_read)
 
     render = renderer(node)
     add_pages(app, node, render)

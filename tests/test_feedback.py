@@ -132,8 +132,7 @@ def test_radiologist_confirms_rejects_and_adds_a_nodule_and_it_is_stored_with_us
     slice_file = next(p for p in (node.data_dir / "incoming" / study / s["series_uid"]).glob("*.dcm")
                       if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == nodule["sop_uid"])
     assert np.allclose(nodule["center_mm"], slice_world_mm(slice_file, column_px, row_px), atol=1e-3)
-    assert (nodule["slice"], nodule["diameter_mm"]) == (k, 7.5)
-    assert nodule["column_px"] == pytest.approx(column_px) and nodule["row_px"] == pytest.approx(row_px)
+    assert nodule["diameter_mm"] == 7.5 and nodule["click"] == {"slice": k, "column_px": column_px, "row_px": row_px}
 
     done = doctor.post(feedback_url(node, study, "/complete"), json={"version": version}, timeout=10)
     assert done.status_code == 200, done.text
@@ -295,9 +294,9 @@ def test_the_study_page_confirms_rejects_and_adds_a_nodule_on_the_slice(node, br
     expect(page.locator("#overlay ellipse.added.centre")).to_have_count(1)
     viewer = node.http.get(f"{node.url}/api/studies/{uid}/viewer", timeout=60).json()
     (added,) = node.http.get(feedback_url(node, uid), timeout=10).json()["added"]
-    assert added["slice"] == int(page.locator("#slider").input_value())
-    assert added["column_px"] == pytest.approx(viewer["columns"] * 0.25, abs=2)
-    assert added["row_px"] == pytest.approx(viewer["rows"] * 0.5, abs=2)
+    assert added["click"]["slice"] == int(page.locator("#slider").input_value())
+    assert added["click"]["column_px"] == pytest.approx(viewer["columns"] * 0.25, abs=2)
+    assert added["click"]["row_px"] == pytest.approx(viewer["rows"] * 0.5, abs=2)
 
     page.locator("#complete-review").click()
     expect(page.locator("#review-state")).to_contain_text(EN["review_complete"])

@@ -14,7 +14,7 @@ from lungnode.accounts import Principal
 from lungnode.audit import AuditTrail
 from lungnode.dicom_node.db import Study
 from lungnode.dicom_node.feedback import (
-    MAX_TEXT, AddedNodule, FeedbackError, FeedbackStore, FindingVerdict, Reason, ReviewCompletion, ReviewCounts,
+    MAX_TEXT, AddedNodule, Click, FeedbackError, FeedbackStore, FindingVerdict, Reason, ReviewCompletion, ReviewCounts,
     Verdict)
 from lungnode.inference.types import DetectionResult
 from lungnode.web.images import SeriesView
@@ -48,26 +48,12 @@ class VersionIn(BaseModel):
     version: int = Field(ge=1)
 
 
-class AddedOut(BaseModel):
-    """An added nodule, and where the viewer draws it (None once the images are gone)."""
-
-    id: int
-    center_mm: tuple[float, float, float]
-    diameter_mm: float
-    sop_uid: str
-    user: str
-    at: float
-    slice: int | None
-    column_px: float | None
-    row_px: float | None
-
-
 class FeedbackOut(BaseModel):
     study_uid: str
     version: int
     findings: int  # how many findings the version has (each needs a verdict before completion)
     verdicts: list[FindingVerdict]
-    added: list[AddedOut]
+    added: list[AddedNodule]
     completion: ReviewCompletion | None
     counts: ReviewCounts
     can_write: bool
@@ -75,7 +61,8 @@ class FeedbackOut(BaseModel):
 
 def add_feedback_routes(app: FastAPI, *, store: FeedbackStore, audit: AuditTrail, study_or_404: Callable[[str], Study],
                         result_of: Callable[[Study], DetectionResult | None],
-                        series_view: Callable[[str], SeriesView]) -> None:
+                        series_view: Callable[[str], SeriesView], on_read: Callable[[Request, Study], None]) -> None:
+    """``on_read`` audits a read of the study's record (the review names who judged what)."""
 
     def current(study_uid: str, version: int) -> tuple[Study, DetectionResult]:
         """The study and its results, when `version` is still its latest processed one."""
@@ -94,20 +81,18 @@ def add_feedback_routes(app: FastAPI, *, store: FeedbackStore, audit: AuditTrail
     def answer(s: Study, who: Principal) -> FeedbackOut:
         result = result_of(s)
         review = store.review(s.study_uid, s.version)
-        try:
-            view = series_view(s.study_uid) if review.added else None
-        except HTTPException:  # the images were purged: the nodules stay listed, not drawn
-            view = None
         return FeedbackOut(
             study_uid=s.study_uid, version=s.version, findings=len(result.detections) if result else 0,
-            verdicts=review.verdicts, added=[_added_out(a, view) for a in review.added],
+            verdicts=review.verdicts, added=review.added,
             completion=review.completion, can_write=who.can_review,
             counts=ReviewCounts(s.version, review.confirmed, review.rejected, len(review.added),
                                 review.completion is not None))
 
     @app.get(PREFIX, summary="The feedback recorded on the study's latest results", response_model=FeedbackOut)
     def read(study_uid: str, request: Request) -> FeedbackOut:
-        return answer(study_or_404(study_uid), principal(request))
+        s = study_or_404(study_uid)
+        on_read(request, s)
+        return answer(s, principal(request))
 
     @app.put(PREFIX + "/findings/{number}", summary="Confirm finding N<number>, or reject it with a reason; "
                 "radiologist or admin", response_model=FeedbackOut, responses=REFUSALS)
@@ -147,7 +132,8 @@ def add_feedback_routes(app: FastAPI, *, store: FeedbackStore, audit: AuditTrail
         if body.slice >= k or body.column_px > columns or body.row_px > rows:
             raise HTTPException(422, f"the click is outside the series ({k} slices of {columns} x {rows} pixels)")
         centre = view.world_mm(body.slice, body.column_px, body.row_px)
-        a = store.add_nodule(study_uid, s.version, centre, body.diameter_mm, view.slice_uids[body.slice], who.name)
+        a = store.add_nodule(study_uid, s.version, centre, body.diameter_mm, view.slice_uids[body.slice],
+                             Click(body.slice, body.column_px, body.row_px), who.name)
         audited(request, who, s, "C", f"v{s.version} added nodule A{a.id} at "
                 f"({centre[0]:.1f}, {centre[1]:.1f}, {centre[2]:.1f}) mm, {a.diameter_mm:.1f} mm")
         return answer(s, who)
@@ -184,11 +170,3 @@ def add_feedback_routes(app: FastAPI, *, store: FeedbackStore, audit: AuditTrail
         return answer(s, who)
 
 
-
-def _added_out(a: AddedNodule, view: SeriesView | None) -> AddedOut:
-    where = dict(slice=None, column_px=None, row_px=None)
-    if view is not None:
-        k, x, y = view.pixel(a.center_mm)
-        where = dict(slice=k, column_px=x, row_px=y)
-    return AddedOut(id=a.id, center_mm=a.center_mm, diameter_mm=a.diameter_mm, sop_uid=a.sop_uid, user=a.user,
-                    at=a.at, **where)

@@ -56,12 +56,6 @@ class SeriesView:
         xyz = np.asarray(self.origin_mm) + (ijk * np.asarray(self.spacing_mm)) @ self.direction.T
         return (float(xyz[0]), float(xyz[1]), float(xyz[2]))
 
-    def pixel(self, center_mm: tuple[float, float, float]) -> tuple[int, float, float]:
-        """Where a point in LPS mm is drawn: its nearest slice and its image pixel position there."""
-        i, j, k = ((np.asarray(center_mm) - np.asarray(self.origin_mm)) @ np.linalg.inv(self.direction).T
-                   / np.asarray(self.spacing_mm))
-        return int(np.clip(round(k), 0, self.grey.shape[0] - 1)), float(i + 0.5), float(j + 0.5)
-
 
 def png(pixels: np.ndarray, max_side: int | None = None) -> bytes:
     image = Image.fromarray(pixels)

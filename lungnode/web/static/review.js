@@ -67,12 +67,11 @@ function verdictCell(n, v) {
 }
 
 function addedRow(a) {
-  const drawn = a.slice !== null;
-  return el("tr", { "data-added": a.id, class: drawn ? "link" : null, onclick: () => drawn && show(a.slice) },
+  return el("tr", { "data-added": a.id, class: "link", onclick: () => show(a.click.slice) },
     el("td", {}, el("strong", {}, `A${a.id}`)),
     el("td", { class: "nowrap" }, a.center_mm.map((v) => v.toFixed(1)).join(", ")),
     el("td", { class: "num" }, `${a.diameter_mm.toFixed(1)} mm`),
-    el("td", { class: "num" }, drawn ? a.slice + 1 : ""),
+    el("td", { class: "num" }, a.click.slice + 1),
     el("td", {}, el("span", { class: "muted by" }, t("by", { user: a.user, when: when(a.at) })), " ",
        review.can_write ? button(L.remove, "remove", () => write("DELETE", `added/${a.id}?version=${review.version}`)) : null));
 }
@@ -81,14 +80,13 @@ function addedRow(a) {
 function addedMarks(k) {
   if (!review || !viewer) return [];
   const [sx, sy, sz] = viewer.spacing_mm;
-  return review.added.filter((a) => a.slice !== null && Math.abs(a.slice - k) * sz <= a.diameter_mm / 2)
-    .flatMap((a) => {
-      const rx = a.diameter_mm / 2 / sx;
-      return [svg("ellipse", { class: a.slice === k ? "added centre" : "added", "data-added": a.id, cx: a.column_px,
-                               cy: a.row_px, rx, ry: a.diameter_mm / 2 / sy }),
-              svg("text", { class: "added-label", x: a.column_px + rx + 2, y: a.row_px, "font-size": viewer.columns / 28 },
-                  `A${a.id}`)];
-    });
+  return review.added.filter((a) => Math.abs(a.click.slice - k) * sz <= a.diameter_mm / 2).flatMap((a) => {
+    const { slice, column_px: x, row_px: y } = a.click;
+    const rx = a.diameter_mm / 2 / sx;
+    return [svg("ellipse", { class: slice === k ? "added centre" : "added", "data-added": a.id, cx: x, cy: y, rx,
+                             ry: a.diameter_mm / 2 / sy }),
+            svg("text", { class: "added-label", x: x + rx + 2, y, "font-size": viewer.columns / 28 }, `A${a.id}`)];
+  });
 }
 
 async function write(method, path, body) {
