@@ -94,8 +94,11 @@ class InstanceStore:
         """Where an instance is filed; InvalidUID when any of the three is not a UID. A UID is digits and
         dots with no empty component, so it can be no `..` nor a separator: the path cannot leave the root,
         and the receive path spends no file-system lookups proving it."""
-        return (self.root / checked_uid("StudyInstanceUID", study_uid) / checked_uid("SeriesInstanceUID", series_uid)
-                / f"{checked_uid('SOPInstanceUID', sop_uid)}.dcm")
+        return self.series_dir(study_uid, series_uid) / f"{checked_uid('SOPInstanceUID', sop_uid)}.dcm"
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The folder of one received series; InvalidUID when either UID is not a UID."""
+        return self.root / checked_uid("StudyInstanceUID", study_uid) / checked_uid("SeriesInstanceUID", series_uid)
 
     def sync(self) -> None:
         sync_filesystem(self.root)

@@ -19,9 +19,11 @@ from typing import Literal, get_args
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-Role = Literal["radiologist", "admin"]
+# viewer: reads the worklist, studies and images; radiologist: also records feedback on the findings;
+# admin: also re-runs and re-sends.
+Role = Literal["viewer", "radiologist", "admin"]
 ROLES: tuple[Role, ...] = get_args(Role)
-RADIOLOGIST, ADMIN = ROLES
+VIEWER, RADIOLOGIST, ADMIN = ROLES
 FIRST_ADMIN = "admin"
 MIN_PASSWORD_LENGTH = 12
 TOKEN_PREFIX = "lnt_"
@@ -68,6 +70,11 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
+
+    @property
+    def can_review(self) -> bool:
+        """May confirm, reject and add findings (radiologists and admins)."""
+        return self.role in (RADIOLOGIST, ADMIN)
 
 
 def _digest(secret: str) -> str:

@@ -1,7 +1,7 @@
 """REST API of a running node (studies, their state and findings, images, re-run and re-send), the
 reading-room page and /metrics, all on the one HTTP port, behind lungnode.web.security: every route
 but /health, /metrics and the login page needs a login or an API token; re-run and re-send need the
-admin role. Reads of patient data and every action go to the audit trail."""
+admin role, feedback on the findings (lungnode.web.feedback) the radiologist or admin role. Reads of patient data and every action go to the audit trail."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -14,11 +14,13 @@ from lungnode import __version__
 from lungnode.accounts import Accounts, Principal
 from lungnode.audit import RERUN, RESEND, AuditTrail, Code
 from lungnode.dicom_node.db import PENDING, Delivery, Study
+from lungnode.dicom_node.feedback import ReviewCounts
 from lungnode.inference.types import DetectionResult
 from lungnode.metrics import job_metrics
 from lungnode.node import Node
 from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, build_view, key_image_png
 from lungnode.web.access import AccessAudit
+from lungnode.web.feedback import add_feedback_routes
 from lungnode.web.login import add_login
 from lungnode.web.oidc import OidcClient, add_oidc
 from lungnode.web.pages import add_pages, renderer
@@ -39,9 +41,11 @@ class Health(BaseModel):
 
 @dataclass(frozen=True)
 class StudySummary(Study):
-    """A study as the worklist shows it: the job state and how many result deliveries still wait."""
+    """A study as the worklist shows it: the job state, how many result deliveries still wait, and the
+    radiologist's review of its latest results (None: not reviewed)."""
 
     pending_deliveries: int
+    review: ReviewCounts | None
 
 
 class DeliveryOut(BaseModel):
@@ -110,8 +114,11 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
             raise HTTPException(404, f"no study {study_uid}")
         return s
 
-    def summary(s: Study, pending: int) -> dict:
-        return {**asdict(s), "pending_deliveries": pending}
+    def summary(s: Study, pending: int, review: ReviewCounts | None) -> dict:
+        return {**asdict(s), "pending_deliveries": pending, "review": review}
+
+    def result_of(s: Study) -> DetectionResult | None:
+        return load_result(version_dir(results_root, s.study_uid, s.version))
 
     def series_view(study_uid: str) -> SeriesView:
         s = study_or_404(study_uid)
@@ -139,7 +146,9 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
     def studies(request: Request) -> list[dict]:
         access.worklist_read(request)
         pending = node.db.pending_by_study()
-        return [summary(s, pending.get(s.study_uid, 0)) for s in node.db.studies()]
+        listed = node.db.studies()
+        reviews = node.feedback.counts({s.study_uid: s.version for s in listed})
+        return [summary(s, pending.get(s.study_uid, 0), reviews.get(s.study_uid)) for s in listed]
 
     @app.get("/api/studies/{study_uid}", summary="One study: state, latest results, key images, deliveries",
              response_model=StudyDetail)
@@ -149,7 +158,8 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
         deliveries = node.db.deliveries(study_uid)
         directory = version_dir(results_root, study_uid, s.version)
         base = f"/api/studies/{study_uid}/key-images"
-        return {**summary(s, sum(d.state == PENDING for d in deliveries)), "result": load_result(directory),
+        review = node.feedback.counts({study_uid: s.version}).get(study_uid)
+        return {**summary(s, sum(d.state == PENDING for d in deliveries), review), "result": load_result(directory),
                 "deliveries": [delivery_out(d) for d in deliveries],
                 "key_images": [KeyImage(number=n, url=f"{base}/{n}", thumbnail_url=f"{base}/{n}?size=256")
                                for n in sorted(key_image_files(directory))]}
@@ -213,6 +223,9 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
              response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_feedback_routes(app, store=node.feedback, audit=audit, study_or_404=study_or_404, result_of=result_of,
+                        series_view=series_view, on_read=access.record_read)
 
     render = renderer(node)
     add_pages(app, node, render)

@@ -15,6 +15,7 @@ Events and their DICOM codes (DCM unless said):
 | processed slices, viewer, key images read | 110103 DICOM Instances Accessed | - | R |
 | re-run | 110103 DICOM Instances Accessed | RERUN (99LUNGNODE) | U |
 | re-send | 110104 DICOM Instances Transferred | RESEND (99LUNGNODE) | R |
+| feedback: verdict, added nodule, review complete (made / changed / withdrawn) | 110110 Patient Record | FEEDBACK (99LUNGNODE) | C / U / D |
 | user, password or API token created / changed | 110113 Security Alert | 110137 User Security Attributes Changed | E |
 | node started / stopped | 110100 Application Activity | 110120 / 110121 Application Start / Stop | E |
 | DICOM association that stored instances | 110104 DICOM Instances Transferred | TLS / PLAIN (99LUNGNODE) | C |
@@ -70,6 +71,7 @@ DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 APPLICATION_ROLE = Code("110150", "DCM", "Application")
 RERUN = Code("RERUN", "99LUNGNODE", "Re-run requested")
 RESEND = Code("RESEND", "99LUNGNODE", "Re-send requested")
+FEEDBACK = Code("FEEDBACK", "99LUNGNODE", "Radiologist feedback on the AI findings")
 TLS = Code("TLS", "99LUNGNODE", "DICOM TLS")
 PLAIN = Code("PLAIN", "99LUNGNODE", "DICOM without TLS")
 STUDY_UID_TYPE = Code("110180", "DCM", "Study Instance UID")
@@ -248,6 +250,14 @@ class AuditTrail:
         self.record(AuditEvent(event_id, code, [Actor(user, True, ip), self._application()],
                                study_subjects(study_uid, patient_id), (action,),
                                MINOR_FAILURE if refused else SUCCESS, refused))
+
+    def feedback(self, user: str, ip: str, study_uid: str, patient_id: str | None, action: str, what: str) -> None:
+        """A radiologist's feedback written: ``action`` C (made), U (changed) or D (withdrawn); ``what`` says
+        which, e.g. "v1 N2 rejected: vessel" (kept as a detail of the study's participant object)."""
+        subjects = study_subjects(study_uid, patient_id)
+        subjects[0] = Subject(study_uid, STUDY_UID_TYPE, 2, 3, details=(("feedback", what),))
+        self.record(AuditEvent(PATIENT_RECORD, action, [Actor(user, True, ip), self._application()], subjects,
+                               (FEEDBACK,)))
 
     def account_changed(self, actor: str, address: str | None, account: str, change: str) -> None:
         """A user, password or API token created or changed (`change` says which)."""

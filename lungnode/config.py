@@ -17,6 +17,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from lungnode.dicom_node.feedback import FEEDBACK_FILE
 from lungnode.inference.onnx_runtime import Precision, Provider
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +205,10 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "lungnode.sqlite3"
+
+    @property
+    def feedback_path(self) -> Path:
+        return self.data_dir / FEEDBACK_FILE
 
     @property
     def accounts_path(self) -> Path:

@@ -16,6 +16,7 @@ import pydicom
 from lungnode.config import Settings
 from lungnode.dicom_node.completion import CompletionMonitor
 from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB
+from lungnode.dicom_node.feedback import FeedbackStore
 from lungnode.dicom_node.receiver import AssociationHandler
 from lungnode.dicom_node.reconcile import reconcile
 from lungnode.dicom_node.retention import purge_expired
@@ -61,6 +62,7 @@ class Node:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = JobDB(settings.db_path)
+        self.feedback = FeedbackStore(settings.feedback_path)
         self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
         self.scp = StorageSCP(settings, self.store, self.db, on_association)
         self._stop = threading.Event()
@@ -93,6 +95,7 @@ class Node:
         for t in self._threads:
             t.join(timeout=60)
         self.db.close()
+        self.feedback.close()
 
     # --- processing ------------------------------------------------------------------------------
     def _work_loop(self) -> None:

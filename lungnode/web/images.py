@@ -42,9 +42,19 @@ class SeriesView:
     grey: np.ndarray
     spacing_mm: tuple[float, float, float]  # column, row, slice
     nodules: list[NoduleMark]
+    origin_mm: tuple[float, float, float]  # the volume's geometry (inference.types.Volume)
+    direction: np.ndarray
+    slice_uids: list[str]  # SOP Instance UID of each slice
 
     def slice_png(self, k: int) -> bytes:
         return png(self.grey[k])
+
+    def world_mm(self, k: int, x_px: float, y_px: float) -> tuple[float, float, float]:
+        """A point clicked on slice k, in image pixels (pixel (i, j) covers [i, i+1) x [j, j+1)), in LPS mm
+        through the slice's position, orientation and pixel spacing."""
+        ijk = np.array([x_px - 0.5, y_px - 0.5, k], dtype=np.float64)
+        xyz = np.asarray(self.origin_mm) + (ijk * np.asarray(self.spacing_mm)) @ self.direction.T
+        return (float(xyz[0]), float(xyz[1]), float(xyz[2]))
 
 
 def png(pixels: np.ndarray, max_side: int | None = None) -> bytes:
@@ -79,7 +89,9 @@ def build_view(paths: list[Path], series_uid: str, detections: list[Detection]) 
         raise FileNotFoundError(f"series {series_uid} is no longer among the received images")
     volume = load_volume(paths)
     return SeriesView(series_uid=series_uid, grey=lung_window(volume.hu), spacing_mm=volume.spacing,
-                      nodules=[nodule_mark(volume, d, n) for n, d in enumerate(detections, start=1)])
+                      nodules=[nodule_mark(volume, d, n) for n, d in enumerate(detections, start=1)],
+                      origin_mm=tuple(float(v) for v in volume.origin), direction=np.asarray(volume.direction),
+                      slice_uids=[s.sop_instance_uid for s in volume.slices])
 
 
 class SeriesViews:

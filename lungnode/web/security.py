@@ -7,7 +7,8 @@
 - CSRF: a state-changing request on a session must come from our own origin (Origin, else Referer) and
   carry the session's CSRF token in the X-CSRF-Token header, else 403. The login form is checked for
   its origin. Bearer-token requests carry no cookie, so a browser cannot be made to send one.
-- Roles: routes that change things depend on `require_admin` (403 for a radiologist).
+- Roles: re-run and re-send depend on `require_admin` (403 for a radiologist), feedback on the findings
+  on `require_reviewer` (403 for a viewer).
 - Every answer forbids framing (no clickjacking of the Re-run button), MIME sniffing and sending the
   address to other sites; over HTTPS it also tells the browser to keep to HTTPS (HSTS).
 """
@@ -61,6 +62,13 @@ def require_admin(request: Request) -> Principal:
     p = principal(request)
     if not p.is_admin:
         raise HTTPException(403, "this needs the admin role")
+    return p
+
+
+def require_reviewer(request: Request) -> Principal:
+    p = principal(request)
+    if not p.can_review:
+        raise HTTPException(403, "recording feedback needs the radiologist or admin role")
     return p
 
 

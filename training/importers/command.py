@@ -50,6 +50,13 @@ def _csv(args: argparse.Namespace) -> tuple[ImportResult, ImageIndex]:
     return import_csv(args.csv, index, voxel=args.voxel, progress=not args.quiet), index
 
 
+def _feedback(args: argparse.Namespace) -> tuple[ImportResult, ImageIndex]:
+    from lungnode.training.importers.feedback import import_feedback
+
+    result = import_feedback(args.data_dir)
+    return result, ImageIndex.build([s.image for s in result.scans], progress=not args.quiet)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         result, index = args.importer(args)
@@ -93,7 +100,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_command(tsub) -> None:
     """Register `lungnode train import` and its sources."""
-    p = tsub.add_parser("import", help="build a datalist from LUNA16 lists, LIDC XML, DICOM SEG/SR or a CSV",
+    p = tsub.add_parser("import", help="build a datalist from LUNA16 lists, LIDC XML, DICOM SEG/SR, a CSV or radiologist feedback",
                         description=__doc__)
     sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
@@ -128,6 +135,10 @@ def add_command(tsub) -> None:
     s.add_argument("--images", required=True, type=Path, nargs="+", help="folders with the DICOM series")
     s.add_argument("--voxel", action="store_true", help="coordinates are voxel indices i (column), j (row), k")
     s.set_defaults(importer=_csv)
+
+    s = sources.add_parser("feedback", help="radiologists' reviews recorded on a lungnode node (completed only)")
+    s.add_argument("--data-dir", required=True, type=Path, help="the node's data folder (LUNGNODE_DATA_DIR)")
+    s.set_defaults(importer=_feedback)
 
     for s in sources.choices.values():
         _common(s)

@@ -6,7 +6,9 @@ The format is the one ``training/synth.py`` writes, so trainers read real and sy
 under its folder, else absolute), ``box`` (world mm, DICOM patient coordinates (LPS), MONAI "cccwhd":
 centre x, y, z then the box size along x, y, z), ``label`` (0 = nodule), ``diameter_mm``,
 ``ignore_box`` (don't-care regions for FROC and loss masking, same layout), ``series_uid`` (picks the
-series when an image folder holds several) and ``source``.
+series when an image folder holds several) and ``source``. Radiologist feedback (source "feedback")
+adds ``negative_box`` (findings a radiologist rejected: hard negatives, same layout) and
+``negative_reason`` (one reason code each: vessel, airway, scar, outside_lung, artefact, other).
 
 Boxes are cubes of the nodule diameter when only a centre and a size are known (LUNA16, LIDC reads,
 CSV, SR points), as MONAI's LUNA16 datalists are; a SEG or an SR ellipsoid gives the true extent.
@@ -25,7 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SOURCES = ("luna16", "lidc-xml", "dicom-seg", "dicom-sr", "csv")
+SOURCES = ("luna16", "lidc-xml", "dicom-seg", "dicom-sr", "csv", "feedback")
 SECTIONS = ("training", "validation", "test")
 # A mark without a size (LUNA16 diameter -1, a reader's point mark): LUNA16's evaluation script
 # treats it as a 10 mm sphere, so its don't-care box is a 10 mm cube.
@@ -52,6 +54,14 @@ class Box:
         return [*self.center_mm, *self.size_mm]
 
 
+@dataclass(frozen=True)
+class Negative:
+    """A region a reader said is not a nodule (a rejected finding), and the reason code."""
+
+    box: Box
+    reason: str
+
+
 @dataclass
 class LabeledScan:
     """One image with its nodules, as an importer found it."""
@@ -62,6 +72,7 @@ class LabeledScan:
     boxes: list[Box]
     ignore: list[Box] = field(default_factory=list)
     patient_id: str | None = None  # keeps one patient's scans in one split
+    negatives: list[Negative] | None = None  # set by sources that know them (radiologist feedback)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,8 @@ class DatalistItem(BaseModel):
     label: list[int]
     diameter_mm: list[float]
     ignore_box: BoxList = []
+    negative_box: BoxList | None = None
+    negative_reason: list[Annotated[str, Field(min_length=1)]] | None = None
     series_uid: str | None = None
     source: Literal[SOURCES] | None = None
 
@@ -105,7 +118,10 @@ class DatalistItem(BaseModel):
     def _consistent(self) -> DatalistItem:
         if not len(self.box) == len(self.label) == len(self.diameter_mm):
             raise ValueError(f"{self.image}: box, label and diameter_mm differ in length")
-        for b in self.box + self.ignore_box:
+        if (self.negative_box is None) != (self.negative_reason is None) or \
+                len(self.negative_box or []) != len(self.negative_reason or []):
+            raise ValueError(f"{self.image}: negative_box and negative_reason go together, one reason per box")
+        for b in self.box + self.ignore_box + (self.negative_box or []):
             if not all(math.isfinite(v) for v in b) or min(b[3:]) <= 0:
                 raise ValueError(f"{self.image}: box {b} is not finite with a positive size")
         if any(not math.isfinite(d) or d <= 0 for d in self.diameter_mm):
@@ -159,6 +175,8 @@ def _item(scan: LabeledScan, root: Path) -> DatalistItem:
         label=[0] * len(scan.boxes),
         diameter_mm=_mm(b.diameter_mm for b in scan.boxes),
         ignore_box=[_mm(b.cccwhd()) for b in scan.ignore],
+        negative_box=None if scan.negatives is None else [_mm(n.box.cccwhd()) for n in scan.negatives],
+        negative_reason=None if scan.negatives is None else [n.reason for n in scan.negatives],
         series_uid=scan.series_uid,
         source=scan.source,
     )
@@ -216,6 +234,9 @@ def summary_table(datalist: Datalist, skipped: list[Skipped], examples: int = 3)
                      + "".join(f"{bins[b]:>10}" for b in SIZE_BINS))
     sources = Counter(i.source or "synthetic" for _, items in rows[:-1] for i in items)
     lines.append("by source: " + ", ".join(f"{k} {n}" for k, n in sorted(sources.items())))
+    reasons = Counter(r for _, items in rows[:-1] for i in items for r in i.negative_reason or [])
+    if reasons:
+        lines.append("rejected findings (negative_box): " + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
     lines.append(f"skipped: {len(skipped)}")
     by_reason: dict[str, list[str]] = {}
     for s in skipped:

@@ -67,6 +67,19 @@ function post(url) {
   return fetch(url, { method: "POST", headers: { "X-CSRF-Token": P.csrf } });
 }
 
+// The same for a JSON body (PUT, POST) or none (DELETE).
+function send(method, url, body) {
+  const headers = { "X-CSRF-Token": P.csrf };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  return fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+}
+
+// The review column of the worklist and the study page: not reviewed / counts / complete.
+function reviewText(review) {
+  if (!review) return L.review_none;
+  return review.complete ? L.review_complete : t("review_counts", review);
+}
+
 function every(ms, fn) {
   const tick = () => fn().catch((err) => console.warn(err)).finally(() => setTimeout(tick, ms));
   tick();

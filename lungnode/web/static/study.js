@@ -1,5 +1,5 @@
 // One study: header and deliveries refresh every few seconds; findings, key images and the slice viewer
-// are rebuilt when a new results version appears.
+// are rebuilt when a new results version appears; the radiologist's review is review.js.
 "use strict";
 const uid = P.study_uid;
 const api = `/api/studies/${encodeURIComponent(uid)}`;
@@ -49,7 +49,8 @@ function renderFindings(s) {
       el("td", { class: "nowrap" }, d.center_mm.map((v) => v.toFixed(1)).join(", ")),
       el("td", { class: "num" }, `${d.diameter_mm.toFixed(1)} mm`),
       el("td", { class: "num" }, d.score.toFixed(2)),
-      el("td", { class: "num slice-no" }, ""))));
+      el("td", { class: "num slice-no" }, ""),
+      el("td", { class: "review" }))));
   $("findings").hidden = detections.length === 0;
   $("no-findings").hidden = !s.result || detections.length > 0;
   $("key-images").replaceChildren(...s.key_images.map((k) =>
@@ -80,7 +81,7 @@ function show(k) {
                           width: x1 - x0 + 2 * pad, height: y1 - y0 + 2 * pad }),
             svg("text", { class: "box-label", x: x0 - pad, y: y0 - 2 * pad, "font-size": viewer.columns / 28 },
                 `N${n.number}`)];
-  }));
+  }), ...addedMarks(k));
   document.querySelectorAll("#goto button").forEach((b) => b.classList.toggle("active", Number(b.dataset.slice) === k));
 }
 
@@ -123,7 +124,9 @@ async function refresh() {
     renderFindings(s);
     await loadViewer(s);
     shownVersion = s.version;
+    reviewShown = ""; // the rows are new: draw the review into them again
   }
+  await refreshReview();
 }
 
 function notice(text, ok) {
@@ -151,4 +154,5 @@ $("stack").addEventListener("wheel", (e) => {
 }, { passive: false });
 action("rerun", "rerun", "confirm_rerun", "rerun_ok");
 action("resend", "resend", "confirm_resend", "resend_ok");
-every(P.poll_ms, refresh);
+// review.js (loaded after this script) draws into the rows and the overlay: poll once both are in.
+document.addEventListener("DOMContentLoaded", () => every(P.poll_ms, refresh));

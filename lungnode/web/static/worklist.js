@@ -19,6 +19,8 @@ function studyRow(s) {
     el("td", { class: "nowrap" }, when(s.first_received)),
     el("td", { class: "status" }, stateBadge(s), pendingBadge(s), why),
     el("td", { class: "num findings" }, s.state === "not_processed" ? "–" : s.findings ?? ""),
+    el("td", { class: "review", "data-review": s.review ? (s.review.complete ? "complete" : "started") : "none" },
+       s.state === "done" || s.review ? reviewText(s.review) : ""),
     el("td", { class: "model" }, s.model || ""));
 }
 
