@@ -55,7 +55,7 @@ def model_table(registry: Registry, cards: list[ModelCard]) -> str:
         stage = card.second_stage
         cpm = _reference_cpm(registry, card.name)
         rows.append(("*" if card.name == registry.default else "", card.name, card.version, card.created[:10],
-                     f"yes ({stage.views} view{"s" if stage.views > 1 else ""})" if stage else "no", f"{card.inference.score_threshold:g}",
+                     f"yes ({stage.views} view{'s' if stage.views > 1 else ''})" if stage else "no", f"{card.inference.score_threshold:g}",
                      "-" if cpm is None else f"{cpm:.4f}", _one_line(card.description, DESCRIPTION_WIDTH)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
