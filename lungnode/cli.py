@@ -59,7 +59,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` given, the `train` commands (whose modules load PyTorch)
+    only when it is "train", so `lungnode --help` and `lungnode models ...` start fast."""
     parser = argparse.ArgumentParser(prog="lungnode", description="AI lung-nodule detection beside the PACS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -70,18 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings (YAML + environment)")
     p.set_defaults(func=_cmd_config)
 
-    from lungnode.models.bundle_import import add_command as register_models
-    from lungnode.training.cli import register as register_train
+    from lungnode.models.cli import register as register_models
+    from lungnode.training.cli import TRAIN_HELP, register as register_train
     from lungnode.users_cli import register as register_users
 
     register_users(sub)
-    register_train(sub)
+    if command in (None, "train"):
+        register_train(sub)
+    else:
+        sub.add_parser("train", help=TRAIN_HELP)  # listed in the help; its commands load with `lungnode train`
     register_models(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), "")  # the top-level options take no value
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

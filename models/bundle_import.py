@@ -95,9 +95,10 @@ def import_bundle(path: Path, out_dir: Path, name: str = DEFAULT_NAME) -> Import
     return ImportedModel(card=card, card_path=card_path, onnx_path=onnx_path, state_dict_path=pt_path)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`lungnode models import-bundle PATH --out DIR [--name NAME]` (parser in lungnode.models.cli)."""
     try:
-        model = import_bundle(args.path, args.out, args.name)
+        model = import_bundle(args.path, args.out, args.name or DEFAULT_NAME)
     except (FileNotFoundError, zoo_bundle.ZooWeightsError) as e:
         print(f"lungnode models import-bundle: {e}", file=sys.stderr)
         return 2
@@ -108,16 +109,3 @@ def _run(args: argparse.Namespace) -> int:
         f"{card.export_max_abs_diff:.1e}), {model.state_dict_path}, {model.card_path}"
     )
     return 0
-
-
-def add_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``lungnode models import-bundle PATH --out DIR [--name NAME]`` on the top-level subparsers."""
-    models = sub.add_parser("models", help="add detection models to this node")
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    p = msub.add_parser(
-        "import-bundle", help=f"convert the MONAI zoo {zoo_bundle.BUNDLE_NAME} weights to ONNX + model card"
-    )
-    p.add_argument("path", type=Path, help="the bundle's models/model.pt, or the bundle folder")
-    p.add_argument("--out", type=Path, required=True, help="folder for NAME.onnx, NAME.pt and NAME.json")
-    p.add_argument("--name", default=DEFAULT_NAME, help=f"model name (default {DEFAULT_NAME})")
-    p.set_defaults(func=_run)

@@ -7,17 +7,16 @@ a second stage's files and an 8-bit copy of the network (``models/<name>-int8.on
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from lungnode.inference.types import ModelInfo
+from lungnode.models.registry_file import REGISTRY_FILE, Registry  # noqa: F401 (REGISTRY_FILE: the folder's file name)
 
 MODELS_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "lungnode-retina-cpu-v1"  # the shipped model, until a site promotes another
-REGISTRY_FILE = "registry.json"  # {"default": NAME, "history": [promotion records]}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -152,10 +151,13 @@ def sha256_file(path: Path) -> str:
 
 def default_model_name(models_dir: Path = MODELS_DIR) -> str:
     """The model the node runs: the last promoted one, else the shipped one."""
-    registry = models_dir / REGISTRY_FILE
-    if registry.is_file():
-        return json.loads(registry.read_text())["default"]
-    return DEFAULT_MODEL
+    return Registry.load(models_dir, DEFAULT_MODEL).default
+
+
+def load_installed(name: str, models_dir: Path = MODELS_DIR) -> ModelSpec:
+    """A model by name from a registry folder (where `promote` installs it), else as ``load_model`` finds it."""
+    card = Path(models_dir) / f"{name}.json"
+    return load_model(str(card) if card.is_file() else name)
 
 
 def _card_path(name_or_path: str) -> Path:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lungnode.models import bundle_import, zoo_bundle
+from lungnode.models.cli import register as register_models
 from lungnode.models.registry import ModelSpec, load_model
 from lungnode.inference.detector import Detector
 from lungnode.inference.types import Volume
@@ -39,7 +40,7 @@ def zoo_net() -> torch.nn.Module:
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lungnode")
-    bundle_import.add_command(parser.add_subparsers(dest="command", required=True))
+    register_models(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

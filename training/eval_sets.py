@@ -29,6 +29,7 @@ class EvalScan:
     series_uid: str
     name: str
     load: Callable[[], LoadedScan]
+    source: Path | None = None  # the image file or series folder it loads (None: a phantom, made from its seed)
 
 
 def phantom_scans(first_seed: int, last_seed: int, settings=None) -> list[EvalScan]:
@@ -61,7 +62,8 @@ def datalist_scans(path: Path, section: str) -> list[EvalScan]:
         nodules = [Annotation(uid, tuple(b[:3]), float(diameters[i]) if diameters else float(max(b[3:6])))
                    for i, b in enumerate(item.get("box", []))]
         ignore = [Annotation(uid, tuple(b[:3]), float(max(b[3:6]))) for b in item.get("ignore_box", [])]
-        scans.append(EvalScan(uid, image.name, lambda image=image, a=nodules, e=ignore: LoadedScan(load_any(image), a, e)))
+        scans.append(EvalScan(uid, image.name, lambda image=image, a=nodules, e=ignore: LoadedScan(load_any(image), a, e),
+                              image))
     return scans
 
 
@@ -81,12 +83,13 @@ def luna16_scans(series_root: Path, annotations_csv: Path, excluded_csv: Path | 
         mine = [a for a in annotations if a.series_uid == uid]
         ignore = [a for a in excluded if a.series_uid == uid]
         name = folder.parent.name if folder.parent != Path(series_root) else folder.name
-        scans.append(EvalScan(uid, name, lambda folder=folder, a=mine, e=ignore: LoadedScan(load_any(folder), a, e)))
+        scans.append(EvalScan(uid, name, lambda folder=folder, a=mine, e=ignore: LoadedScan(load_any(folder), a, e),
+                              folder))
     return scans
 
 
 def add_arguments(p) -> None:
-    """The command-line choice of evaluation set, shared by `eval` and `promote`."""
+    """The command-line choice of evaluation set, shared by `eval` and `reference`."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--phantoms", nargs=2, type=int, metavar=("FIRST", "LAST"), action="append",
                       help="held-out phantom seeds; repeat to pool several ranges into one FROC (20 phantoms are few)")

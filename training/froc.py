@@ -22,6 +22,8 @@ beside published ones:
 * Confidence intervals: the scans are resampled with replacement ``bootstraps`` times, the curve is
   recomputed, and the bounds are the sorted samples at ``floor(a n)`` and ``floor((1 - a) n)``,
   a = (1 - confidence) / 2.
+* Two models on the same scans (``paired_cpm_difference``): each resample of the scans scores both,
+  and the interval is that of the CPM difference, with the same percentile rule.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
 )
 CSV_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability")
 _BAND_POINTS = 121  # log-spaced FP rates at which the bootstrap band is kept, for plotting
+# CPMs are means of hit fractions: two equal ones can differ in the last bits by summation order.
+CPM_TIE = 1e-9
 _CHUNK_CELLS = 4_000_000  # bootstrap samples x curve entries handled at once: bounds memory
 
 
@@ -272,6 +276,49 @@ def _bootstrap(ranked: _Ranked, n_scans: int, resamples: np.ndarray, band_at: np
     return np.vstack(out)
 
 
+@dataclass(frozen=True)
+class _Matched:
+    """Every scan's candidates matched with its nodules: one entry per nodule and per false positive."""
+
+    nod_scan: np.ndarray  # scan index of every nodule
+    nod_score: np.ndarray  # its highest hitting score, -inf if missed
+    nod_size: np.ndarray
+    fp_scan: np.ndarray
+    fp_score: np.ndarray
+    n_ignored: int
+
+
+def _match_all(candidates: Iterable[Candidate], annotations: Iterable[Annotation], excluded: Iterable[Annotation],
+               scans: list[str], max_marks: int | None) -> _Matched:
+    """Match the candidates of ``scans`` (other series are left out, with a warning)."""
+    index = {uid: i for i, uid in enumerate(scans)}
+    by_scan: dict[str, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        by_scan[c.series_uid].append(c)
+    outside = sum(len(v) for k, v in by_scan.items() if k not in index)
+    if outside:
+        log.warning("%d candidates belong to series outside the evaluated scans and are left out", outside)
+    nodules: dict[str, list[Annotation]] = defaultdict(list)
+    for a in annotations:
+        nodules[a.series_uid].append(a)
+    irrelevant: dict[str, list[Annotation]] = defaultdict(list)
+    for a in excluded:
+        irrelevant[a.series_uid].append(a)
+
+    matches = [_match_scan(_keep_top(by_scan[uid], max_marks), nodules[uid], irrelevant[uid]) for uid in scans]
+    nod_score = np.array([s for m in matches for s in m.nodule_scores], dtype=np.float64)
+    if len(nod_score) == 0:
+        raise ValueError(f"no annotated nodule in the {len(scans)} evaluated scans: sensitivity is undefined")
+    return _Matched(
+        nod_scan=np.array([i for i, m in enumerate(matches) for _ in m.nodule_scores], dtype=int),
+        nod_score=nod_score,
+        nod_size=np.array([a.size_mm for uid in scans for a in nodules[uid]], dtype=np.float64),
+        fp_scan=np.array([i for i, m in enumerate(matches) for _ in m.fp_scores], dtype=int),
+        fp_score=np.array([s for m in matches for s in m.fp_scores], dtype=np.float64),
+        n_ignored=sum(m.n_ignored for m in matches),
+    )
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -292,28 +339,9 @@ def evaluate_froc(
     Raises ValueError when the scans hold no annotated nodule (sensitivity is then undefined).
     """
     scans = list(dict.fromkeys(series_uids))
-    index = {uid: i for i, uid in enumerate(scans)}
-    by_scan: dict[str, list[Candidate]] = defaultdict(list)
-    for c in candidates:
-        by_scan[c.series_uid].append(c)
-    outside = sum(len(v) for k, v in by_scan.items() if k not in index)
-    if outside:
-        log.warning("%d candidates belong to series outside the evaluated scans and are left out", outside)
-    nodules: dict[str, list[Annotation]] = defaultdict(list)
-    for a in annotations:
-        nodules[a.series_uid].append(a)
-    irrelevant: dict[str, list[Annotation]] = defaultdict(list)
-    for a in excluded:
-        irrelevant[a.series_uid].append(a)
-
-    matches = [_match_scan(_keep_top(by_scan[uid], max_marks_per_scan), nodules[uid], irrelevant[uid]) for uid in scans]
-    nod_scan = np.array([i for i, m in enumerate(matches) for _ in m.nodule_scores], dtype=int)
-    nod_score = np.array([s for m in matches for s in m.nodule_scores], dtype=np.float64)
-    nod_size = np.array([a.size_mm for uid in scans for a in nodules[uid]], dtype=np.float64)
-    fp_scan = np.array([i for i, m in enumerate(matches) for _ in m.fp_scores], dtype=int)
-    fp_score = np.array([s for m in matches for s in m.fp_scores], dtype=np.float64)
-    if len(nod_score) == 0:
-        raise ValueError(f"no annotated nodule in the {len(scans)} evaluated scans: sensitivity is undefined")
+    matched = _match_all(candidates, annotations, excluded, scans, max_marks_per_scan)
+    nod_scan, nod_score, nod_size = matched.nod_scan, matched.nod_score, matched.nod_size
+    fp_scan, fp_score = matched.fp_scan, matched.fp_score
 
     n = len(scans)
     k = len(OPERATING_POINTS)
@@ -359,6 +387,65 @@ def evaluate_froc(
         n_nodules=overall.n_nodules,
         n_detected=overall.n_detected,
         n_false_positives=len(fp_score),
-        n_ignored=sum(m.n_ignored for m in matches),
+        n_ignored=matched.n_ignored,
         per_size=per_size,
     )
+
+
+# ---------------------------------------------------------------- two models on the same scans
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """CPM of model A and model B on the same scans, and the bootstrap interval of A - B: every
+    resample of the scans scores both models, so what the scans share cancels out."""
+
+    cpm_a: float
+    cpm_b: float
+    difference_ci: tuple[float, float]
+    resamples: int
+    confidence: float
+
+    @property
+    def difference(self) -> float:
+        return self.cpm_a - self.cpm_b
+
+    @property
+    def a_is_better(self) -> bool:
+        """A beats B by more than the resampling noise: the whole interval of A - B lies above 0 (a
+        difference within rounding of 0 is none)."""
+        return self.difference_ci[0] > CPM_TIE
+
+
+def paired_cpm_difference(
+    candidates_a: Iterable[Candidate],
+    candidates_b: Iterable[Candidate],
+    annotations: Iterable[Annotation],
+    excluded: Iterable[Annotation],
+    series_uids: Iterable[str],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    max_marks_per_scan: int | None = MAX_MARKS_PER_SCAN,
+) -> PairedComparison:
+    """Paired bootstrap of the CPM difference between two models' candidates on the same scans.
+
+    Each model's candidates are matched once; a resample only reweights the scans (the same weights for
+    both models). Raises ValueError when the scans hold no annotated nodule.
+    """
+    if resamples < 1:
+        raise ValueError("a paired comparison needs at least one resample")
+    scans = list(dict.fromkeys(series_uids))
+    annotations, excluded = list(annotations), list(excluded)
+    n = len(scans)
+    weights = np.vstack([np.ones((1, n)), np.random.default_rng(seed).multinomial(
+        n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)])
+    cpms = []
+    for candidates in (candidates_a, candidates_b):
+        m = _match_all(candidates, annotations, excluded, scans, max_marks_per_scan)
+        ranked = _Ranked.build(m.nod_scan, m.nod_score, m.fp_scan, m.fp_score)
+        cpms.append(_bootstrap(ranked, n, weights, np.zeros(0)).mean(axis=1))  # NaN: a resample without nodules
+    lower, upper = _bounds((cpms[0] - cpms[1])[1:, None], confidence)
+    return PairedComparison(float(cpms[0][0]), float(cpms[1][0]), (float(lower[0]), float(upper[0])), resamples,
+                            confidence)

@@ -1,59 +1,73 @@
-"""`lungnode train promote`: make a model the node's default only if it scores at least as well as the
-current default on the same evaluation set (LUNA16 CPM), so a retrained model never silently
-replaces a better one."""
+"""`lungnode train promote`: make a model the node's default only if it beats the current default on the
+registered reference set (`lungnode train reference`) by more than the bootstrap noise.
+
+Both models run once on every reference scan; a paired bootstrap over the scans (the same resample for
+both, training.froc.paired_cpm_difference) gives the 95% interval of the CPM difference, and the
+candidate is promoted only when that whole interval lies above 0. The set cannot be chosen here, and
+its data must still match the digest it was registered with, so every promotion on one digest was
+judged on the same scans.
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from lungnode.inference.detector import Detector
-from lungnode.models.registry import MODELS_DIR, REGISTRY_FILE, ModelSpec, default_model_name, load_model
-from lungnode.training.eval_run import evaluate
-from lungnode.training import eval_sets
+from lungnode.models.registry import DEFAULT_MODEL, MODELS_DIR, ModelSpec, load_installed, load_model
+from lungnode.models.registry_file import PromotionRecord, ReferenceSet, Registry, now
 from lungnode.training.eval_sets import EvalScan
+from lungnode.training.froc import PairedComparison
+from lungnode.training.reference_set import ReferenceSetError, checked_scans
 
-
-# CPMs are means of hit fractions: two equal ones can differ in the last bits by summation order.
-CPM_TIE = 1e-9
-
-
-def at_least_as_good(candidate_cpm: float, current_cpm: float) -> bool:
-    return candidate_cpm >= current_cpm - CPM_TIE
+RESAMPLES = 1000
+SEED = 0  # fixed: the same models on the same set get the same verdict
 
 
 @dataclass(frozen=True)
 class Decision:
     candidate: str
     current: str
-    candidate_cpm: float
-    current_cpm: float
-    eval_set: str
-    accepted: bool
+    comparison: PairedComparison  # candidate (a) against current (b)
+    reference: ReferenceSet
+    scans: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.comparison.a_is_better
 
     @property
     def reason(self) -> str:
-        verdict = "promoted" if self.accepted else "refused: it scores below the current default"
-        return (f"{self.candidate} CPM {self.candidate_cpm:.4f} vs {self.current} CPM {self.current_cpm:.4f} "
-                f"on {self.eval_set}: {verdict}")
+        c = self.comparison
+        low, high = c.difference_ci
+        verdict = ("promoted: it beats the current default by more than the bootstrap noise" if self.accepted else
+                   "refused: the interval of the difference does not lie above 0, so the candidate does not beat "
+                   "the current default by more than the bootstrap noise")
+        return (f"reference set: {self.reference.description} (digest {self.reference.digest[:12]}, {self.scans} scans)\n"
+                f"{self.candidate} CPM {c.cpm_a:.4f}\n{self.current} CPM {c.cpm_b:.4f}\n"
+                f"difference {c.difference:+.4f}, {c.confidence:.0%} CI {low:+.4f} to {high:+.4f} "
+                f"(paired bootstrap, {c.resamples} resamples of the scans)\n{verdict}")
+
+    def record(self) -> PromotionRecord:
+        c = self.comparison
+        return PromotionRecord(candidate=self.candidate, current=self.current, candidate_cpm=c.cpm_a,
+                               current_cpm=c.cpm_b, eval_set=self.reference.description, accepted=self.accepted,
+                               at=now(), reference_digest=self.reference.digest, difference_ci=c.difference_ci,
+                               resamples=c.resamples)
 
 
-def cpm_on(spec: ModelSpec, scans: list[EvalScan], bootstraps: int) -> float:
-    outcome = evaluate(Detector(spec), scans, bootstraps=bootstraps)
-    if outcome.froc is None:
-        raise ValueError("the evaluation set holds no nodule: it cannot rank two models")
-    return outcome.froc.cpm
+def decide(candidate: ModelSpec, current: ModelSpec, scans: list[EvalScan], reference: ReferenceSet) -> Decision:
+    """Run both models once on every scan, then compare them by the paired bootstrap."""
+    from lungnode.inference.detector import Detector
+    from lungnode.training.eval_run import evaluate
+    from lungnode.training.froc import paired_cpm_difference
 
-
-def decide(candidate: ModelSpec, current: ModelSpec, scans: list[EvalScan], eval_set: str,
-           bootstraps: int = 0) -> Decision:
-    cand_cpm = cpm_on(candidate, scans, bootstraps)
-    cur_cpm = cpm_on(current, scans, bootstraps)
-    return Decision(candidate.info.name, current.info.name, cand_cpm, cur_cpm, eval_set,
-                    at_least_as_good(cand_cpm, cur_cpm))
+    ours, theirs = (evaluate(Detector(spec), scans, bootstraps=0) for spec in (candidate, current))
+    comparison = paired_cpm_difference(
+        ours.candidates, theirs.candidates, [a for s in ours.scans for a in s.nodules],
+        [a for s in ours.scans for a in s.excluded], [s.series_uid for s in scans], resamples=RESAMPLES, seed=SEED)
+    return Decision(candidate.info.name, current.info.name, comparison, reference, len(scans))
 
 
 def install(spec: ModelSpec, models_dir: Path) -> None:
@@ -66,32 +80,33 @@ def install(spec: ModelSpec, models_dir: Path) -> None:
             shutil.copy2(f, models_dir / f.name)
 
 
-def record(decision: Decision, models_dir: Path) -> None:
-    registry = models_dir / REGISTRY_FILE
-    data = json.loads(registry.read_text()) if registry.is_file() else {"default": decision.current, "history": []}
-    entry = {**asdict(decision), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    data["history"].append(entry)
-    if decision.accepted:
-        data["default"] = decision.candidate
-    registry.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def _run(args: argparse.Namespace) -> int:
+    registry = Registry.load(args.models_dir, DEFAULT_MODEL)
+    try:
+        reference, scans = checked_scans(registry)
+    except ReferenceSetError as e:
+        print(f"lungnode train promote: {e}", file=sys.stderr)
+        return 2
     candidate = load_model(str(args.candidate))
-    current = load_model(default_model_name(args.models_dir) if args.against is None else args.against)
-    scans, eval_set = eval_sets.from_arguments(args)
-    decision = decide(candidate, current, scans, eval_set)
+    current = load_installed(args.against or registry.default, args.models_dir)
+    try:
+        decision = decide(candidate, current, scans, reference)
+    except ValueError as e:  # no nodule in the set
+        print(f"lungnode train promote: the reference set cannot rank two models: {e}", file=sys.stderr)
+        return 2
     if decision.accepted:
         install(candidate, args.models_dir)
-    record(decision, args.models_dir)
+        registry.default = decision.candidate
+    registry.history.append(decision.record())
+    registry.save(args.models_dir)
     print(decision.reason)
     return 0 if decision.accepted else 1
 
 
 def add_command(tsub: argparse._SubParsersAction) -> None:
-    p = tsub.add_parser("promote", help="make a model the default if it scores at least as well as the current one")
+    p = tsub.add_parser("promote", help="make a model the default if it beats the current one on the reference set "
+                                        "(`train reference`) by more than the bootstrap noise")
     p.add_argument("candidate", type=Path, help="model card (.json) of the candidate, from `lungnode train export`")
     p.add_argument("--against", help="compare with this model instead of the current default")
-    eval_sets.add_arguments(p)
     p.add_argument("--models-dir", type=Path, default=MODELS_DIR, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
