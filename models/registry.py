@@ -44,6 +44,8 @@ class DataInfo(BaseModel):
     # Real scans seen in training (imported, or backgrounds for inserted nodules): their scores are
     # training-set scores, never held-out ones.
     train_scans: list[str] = []
+    # Real scans the operating point was chosen on (attach-rescorer --tune-datalist): not held out either.
+    tune_scans: list[str] = []
 
 
 class InferenceSettings(BaseModel):

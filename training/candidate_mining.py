@@ -4,7 +4,9 @@ candidate, labelled nodule or not, for the second-stage classifier (`lungnode tr
 Each scan's patches go to ``OUT/scans/<name>.npz`` as it finishes, so an interrupted run resumes
 where it stopped. Besides the detector's own candidates every reference nodule adds a patch at its
 centre, so a nodule the detector ranked low or missed still teaches the classifier what one looks
-like. Patches are larger than the classifier's input by ``margin`` voxels a side, room for the
+like, and every finding known not to be one (``negative_box``: a site radiologist's rejected marks) adds
+a patch labelled 0 at its centre, so the marks a site rejects are learned even where the detector's
+top candidates crowd them out. Patches are larger than the classifier's input by ``margin`` voxels a side, room for the
 shifts of training augmentation. Each patch also records where the nearest reference nodule's centre
 lies from the patch's centre (model voxels), which teaches a second stage with a centre head
 (``recentre``) to move a candidate the detector placed beside a small nodule onto it.
@@ -27,7 +29,7 @@ from lungnode.training.data import PhantomSettings
 from lungnode.training.eval_sets import EvalScan
 from lungnode.training.synth import ATTACHMENTS, add_shape_arguments
 
-KIND_CANDIDATE, KIND_REFERENCE = 0, 1
+KIND_CANDIDATE, KIND_REFERENCE, KIND_NEGATIVE = 0, 1, 2  # a detector candidate, a nodule's patch, a rejected finding
 
 
 def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor: float, per_scan: int) -> dict:
@@ -50,18 +52,23 @@ def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor
     keep = ~ignored | (hit > 0)  # a don't-care finding teaches nothing either way
     order, hit = order[keep], hit[keep]
     prepared = found.prepared
-    ref_centres = prepared.to_model_index(loaded.volume.world_to_index(
-        np.array([n.center_mm for n in nodules]).reshape(-1, 3))).reshape(-1, 3)
-    centres = np.concatenate([box_centres(found.boxes[order]), ref_centres])
+
+    def model_index(findings) -> np.ndarray:
+        world = np.array([f.center_mm for f in findings]).reshape(-1, 3)
+        return prepared.to_model_index(loaded.volume.world_to_index(world)).reshape(-1, 3)
+
+    ref_centres, negatives = model_index(nodules), loaded.negatives
+    centres = np.concatenate([box_centres(found.boxes[order]), ref_centres, model_index(negatives)])
     size = np.asarray(patch_size) + 2 * margin
     patches = patches_at(prepared.image.numpy(), centres, size).astype(np.float16)
     offset, near = nearest_nodule(centres, ref_centres, [n.size_mm for n in nodules], detector.settings.spacing_mm)
+    counts = (len(order), len(nodules), len(negatives))
     return {
         "patches": patches,
-        "label": np.concatenate([hit > 0, np.ones(len(nodules), bool)]).astype(np.uint8),
-        "score": np.concatenate([found.scores[order], -np.ones(len(nodules))]).astype(np.float32),
-        "kind": np.concatenate([np.full(len(order), KIND_CANDIDATE), np.full(len(nodules), KIND_REFERENCE)]).astype(np.uint8),
-        "diameter_mm": np.concatenate([hit, [n.size_mm for n in nodules]]).astype(np.float32),
+        "label": np.concatenate([hit > 0, np.ones(len(nodules), bool), np.zeros(len(negatives), bool)]).astype(np.uint8),
+        "score": np.concatenate([found.scores[order], -np.ones(len(nodules) + len(negatives))]).astype(np.float32),
+        "kind": np.repeat(np.array([KIND_CANDIDATE, KIND_REFERENCE, KIND_NEGATIVE], np.uint8), counts),
+        "diameter_mm": np.concatenate([hit, [n.size_mm for n in nodules], np.zeros(len(negatives))]).astype(np.float32),
         "offset_vox": offset.astype(np.float32),
         "near_diameter_mm": near.astype(np.float32),
     }
@@ -88,7 +95,7 @@ def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, 
         "patch_size": list(patch_size), "margin": margin, "floor": floor, "per_scan": per_scan,
         "model_spacing_mm": list(detector.settings.spacing_mm),
     }, indent=2))
-    totals = np.zeros(3, int)  # candidates, of them on a nodule, reference patches
+    totals = np.zeros(4, int)  # candidates, of them on a nodule, reference patches, rejected findings
     bar = tqdm(scans, desc="candidates", unit="scan", dynamic_ncols=True)
     for scan in bar:
         path = folder / f"{scan.name}.npz"
@@ -99,10 +106,11 @@ def mine(model: str, scans: list[EvalScan], out: Path, patch_size, margin: int, 
             tmp.rename(path)
         with np.load(path) as z:
             cand = z["kind"] == KIND_CANDIDATE
-            totals += [cand.sum(), (z["label"][cand] == 1).sum(), (~cand).sum()]
+            totals += [cand.sum(), (z["label"][cand] == 1).sum(), (z["kind"] == KIND_REFERENCE).sum(),
+                       (z["kind"] == KIND_NEGATIVE).sum()]
         bar.set_postfix(candidates=int(totals[0]), on_nodules=int(totals[1]), references=int(totals[2]))
     print(f"{len(scans)} scans: {totals[0]} candidates ({totals[1]} on nodules, {totals[0] - totals[1]} not), "
-          f"{totals[2]} reference nodule patches in {folder}")
+          f"{totals[2]} reference nodule patches, {totals[3]} rejected-finding patches in {folder}")
     return folder
 
 
@@ -126,6 +134,10 @@ def _run(args: argparse.Namespace) -> int:
                          {"library": str(args.nodule_shapes), "split": args.shape_split,
                           "fraction": args.real_shape_fraction},
                          "datalists": [str(d) for d in args.datalist or []]}
+    # the real series behind the datalists' scans (an inserted copy names its source): the model card lists them
+    record["real_series"] = sorted({item.get("source_series") or item.get("series_uid")
+                                    for d in args.datalist or [] for item in json.loads(Path(d).read_text()).get(args.section, [])
+                                    if item.get("source_series") or item.get("series_uid")})
     (args.out / "mining.json").write_text(json.dumps(record, indent=2))
     return 0
 

@@ -25,6 +25,7 @@ def card_markdown(card: ModelCard) -> str:
 - Training: `{card.training.command}`; {card.training.iterations} iterations in {card.training.seconds / 60:.0f} min on {card.training.device}
 - Data: {card.data.train_phantoms} training phantoms (seeds {card.data.train_seeds}); {card.data.description}
 - Real scans used in training (scores on them are training-set scores): {", ".join(card.data.train_scans) or "none"}
+- Real scans the operating point was chosen on: {", ".join(card.data.tune_scans) or "none"}
 - Export check: ONNX Runtime vs PyTorch max abs difference {card.export_max_abs_diff:.1e}
 {second_stage(card)}{int8_network(card)}
 ## Held-out phantoms (seeds {card.data.eval_seeds})

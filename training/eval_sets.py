@@ -22,6 +22,9 @@ class LoadedScan:
     volume: Volume
     annotations: list[Annotation]
     excluded: list[Annotation]
+    # findings known not to be nodules (a radiologist's rejected marks, `negative_box`): the second stage's
+    # mining adds a patch at each; a FROC counts them as false positives like any other non-nodule
+    negatives: tuple[Annotation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ def datalist_scans(path: Path, section: str) -> list[EvalScan]:
         nodules = [Annotation(uid, tuple(b[:3]), float(diameters[i]) if diameters else float(max(b[3:6])))
                    for i, b in enumerate(item.get("box", []))]
         ignore = [Annotation(uid, tuple(b[:3]), float(max(b[3:6]))) for b in item.get("ignore_box", [])]
-        scans.append(EvalScan(uid, image.name, lambda image=image, a=nodules, e=ignore: LoadedScan(load_any(image), a, e),
-                              image))
+        negatives = tuple(Annotation(uid, tuple(b[:3]), float(max(b[3:6]))) for b in item.get("negative_box", []))
+        scans.append(EvalScan(uid, image.name, lambda image=image, a=nodules, e=ignore, r=negatives:
+                              LoadedScan(load_any(image), a, e, r), image))
     return scans
 
 

@@ -304,6 +304,18 @@ def _stored(ds: pydicom.Dataset, hu: np.ndarray) -> np.ndarray:
     return values.astype(np.int16 if signed else np.uint16)
 
 
+@dataclass(frozen=True)
+class InsertionSource:
+    """A real series to insert into, with what is already known about it: its labelled nodules (kept
+    clear of and listed, since they are in the image) and findings known not to be nodules (a site
+    radiologist's rejected marks, cccwhd boxes with reasons), carried into every copy."""
+
+    series_dir: Path
+    known: tuple[tuple[tuple[float, float, float], float], ...] = ()  # (LPS centre, diameter mm)
+    negative_box: tuple[tuple[float, ...], ...] = ()
+    negative_reason: tuple[str, ...] = ()
+
+
 def read_known_nodules(csv_path: Path, series_uid: str) -> list[tuple[tuple[float, float, float], float]]:
     """(LPS centre, diameter mm) of a series' labelled nodules from a LUNA16-style annotations.csv."""
     with open(csv_path, newline="") as f:
@@ -311,31 +323,67 @@ def read_known_nodules(csv_path: Path, series_uid: str) -> list[tuple[tuple[floa
                 for row in csv.DictReader(f) if row["seriesuid"] == series_uid]
 
 
-def generate_inserted_dataset(series_dirs: Sequence[Path], out_dir: Path, n: int, seed: int, *, fmt: str = "nifti",
-                              annotations: Path | None = None, nodule_model: NoduleModel | None = None) -> Path:
+def sources_from_series(series_dirs: Sequence[Path], annotations: Path | None = None) -> list[InsertionSource]:
+    """Series folders, their labelled nodules read from a LUNA16-style ``annotations`` CSV."""
+    sources = []
+    for d in series_dirs:
+        first = next((p for p in sorted(Path(d).rglob("*")) if p.is_file()), None)
+        if first is None:
+            raise FileNotFoundError(f"{d}: no files (give a DICOM series folder)")
+        uid = str(pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+        known = read_known_nodules(annotations, uid) if annotations else []
+        sources.append(InsertionSource(Path(d), tuple(known)))
+    return sources
+
+
+def sources_from_datalist(path: Path, section: str = "training") -> list[InsertionSource]:
+    """The scans of a datalist (`lungnode train import`, e.g. a site's feedback) with their nodules and
+    rejected findings. Only DICOM series folders: an inserted copy is written with the series' headers."""
+    from lungnode.training.importers.datalist import image_path
+
+    data = json.loads(Path(path).read_text())
+    if section not in data:
+        raise ValueError(f"{path} has no {section!r} section (it has {', '.join(data)})")
+    sources = []
+    for item in data[section]:
+        image = image_path(path, item["image"])
+        if not image.is_dir():
+            raise ValueError(f"{image}: nodules are inserted into DICOM series folders, not volume files")
+        diameters = item.get("diameter_mm") or [max(b[3:6]) for b in item.get("box", [])]
+        sources.append(InsertionSource(
+            image, tuple((tuple(b[:3]), float(d)) for b, d in zip(item.get("box", []), diameters)),
+            tuple(tuple(b) for b in item.get("negative_box", [])), tuple(item.get("negative_reason", []))))
+    return sources
+
+
+def generate_inserted_dataset(sources: Sequence[InsertionSource], out_dir: Path, n: int, seed: int, *,
+                              fmt: str = "nifti", nodule_model: NoduleModel | None = None) -> Path:
     """n copies of the given real series (in turn) with simulated nodules, and a datalist.json like
-    ``synth.generate_dataset``'s; the labelled nodules of ``annotations`` are avoided and listed as
-    boxes too (kind "labelled"), since they are in the image."""
+    ``synth.generate_dataset``'s; each source's labelled nodules are avoided and listed as boxes too
+    (kind "labelled"), its rejected findings carried as ``negative_box``."""
     from tqdm import tqdm
 
     from lungnode.inference.volume import load_volume
 
     if fmt not in ("nifti", "dicom"):
         raise ValueError(f"format must be 'nifti' or 'dicom', not {fmt!r}")
+    if not sources:
+        raise ValueError("no series to insert nodules into")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    loaded: tuple[Path, Volume, np.ndarray] | None = None
+    loaded: tuple[InsertionSource, Volume, np.ndarray] | None = None
     for idx in tqdm(range(n), desc="insertions", unit="series"):
-        source = Path(series_dirs[idx % len(series_dirs)])
+        source = sources[idx % len(sources)]
         if loaded is None or loaded[0] != source:
-            volume = load_volume(sorted(p for p in source.rglob("*") if p.is_file()))
+            volume = load_volume(sorted(p for p in source.series_dir.rglob("*") if p.is_file()))
             loaded = (source, volume, lung_mask(volume))
         _, volume, lungs = loaded
-        known = read_known_nodules(annotations, volume.series_instance_uid) if annotations else []
+        known = list(source.known)
+        # a rejected finding stays visible: a nodule drawn over it would hide what the site taught
+        avoid = [(c, d / 2) for c, d in known] + [(tuple(b[:3]), max(b[3:6]) / 2) for b in source.negative_box]
         s = phantom_seed(seed, idx)
-        hu, specs = insert_nodules(volume, s, avoid=[(c, d / 2) for c, d in known], lungs=lungs,
-                                   nodule_model=nodule_model)
+        hu, specs = insert_nodules(volume, s, avoid=avoid, lungs=lungs, nodule_model=nodule_model)
         name = f"inserted_{idx:05d}"
         if fmt == "nifti":
             target = write_nifti_image(np.rint(hu).astype(np.int16), volume.spacing, volume.origin, volume.direction,
@@ -345,7 +393,7 @@ def generate_inserted_dataset(series_dirs: Sequence[Path], out_dir: Path, n: int
             write_derived_series(volume, hu, target, n_nodules=len(specs))
         rows = [(n.center_mm, n.diameter_mm, n.kind, n.attachment) for n in specs]
         rows += [(c, d, "labelled", "unknown") for c, d in known]
-        entries.append({
+        entry = {
             "image": target.relative_to(out_dir).as_posix(),
             "box": [[*c, d, d, d] for c, d, _, _ in rows],
             "label": [0] * len(rows),
@@ -354,7 +402,11 @@ def generate_inserted_dataset(series_dirs: Sequence[Path], out_dir: Path, n: int
             "attachment": [a for _, _, _, a in rows],
             "seed": s,
             "source_series": volume.series_instance_uid,
-        })
+        }
+        if source.negative_box:
+            entry |= {"negative_box": [list(b) for b in source.negative_box],
+                      "negative_reason": list(source.negative_reason)}
+        entries.append(entry)
     datalist = out_dir / "datalist.json"
     datalist.write_text(json.dumps({"training": entries}, indent=1))
     return datalist

@@ -26,7 +26,7 @@ from lungnode.inference.rescoring import VIEWS, Rescorer, check_views
 from lungnode.models.candidate_classifier import CandidateClassifier, centre_head_cells
 from lungnode.models.registry import SecondStage, TrainingInfo, load_model, sha256_file
 from lungnode.training.eval_run import EVAL_SCORE_FLOOR, EvalOutcome, ScanResult
-from lungnode.training.eval_sets import EvalScan, outline_note, phantom_scans, shape_settings
+from lungnode.training.eval_sets import EvalScan, datalist_scans, outline_note, phantom_scans, shape_settings
 from lungnode.training.export import MAX_ABS_DIFF, OPSET, set_operating_point
 from lungnode.training.froc import candidates_from_detections, evaluate_froc
 from lungnode.training.synth import GENERATOR_VERSION, add_shape_arguments
@@ -81,23 +81,43 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
     return best, outcomes[best], cpms
 
 
+def tuning_scans(ckpt: dict, eval_seeds: tuple[int, int], tuning, tune_datalist: Path | None,
+                 tune_section: str) -> tuple[list[EvalScan], str]:
+    """The scans that choose the fusion weight and the threshold, and their description: real scans of a
+    datalist (a site's reviewed studies) or held-out phantoms; never scans the classifier learned from."""
+    if tune_datalist is not None:
+        scans = datalist_scans(tune_datalist, tune_section)
+        learned = set(ckpt["scans"])
+        overlap = sorted(s.name for s in scans if s.name in learned)
+        if overlap:
+            raise ValueError(f"{len(overlap)} tuning scan(s) of {tune_datalist} [{tune_section}] trained the classifier "
+                             f"({', '.join(overlap[:3])}): tune on scans it never saw (another section or datalist)")
+        return scans, f"{len(scans)} real scans of {tune_datalist} [{tune_section}]"
+    trained_on = {int(n.split("-")[1]) for n in ckpt["scans"] if n.startswith("phantom-")}
+    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & trained_on
+    if overlap:
+        raise ValueError(f"evaluation seeds overlap the classifier's training seeds: {sorted(overlap)[:5]}...")
+    return phantom_scans(*eval_seeds, tuning), f"phantoms {eval_seeds[0]}-{eval_seeds[1]}"
+
+
 def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
-           max_fp_per_scan: float | None, tuning=None, views: int = 1, recentre_mm: float = RECENTRE_MM) -> Path:
+           max_fp_per_scan: float | None, tuning=None, views: int | None = None, recentre_mm: float = RECENTRE_MM,
+           tune_datalist: Path | None = None, tune_section: str = "validation") -> Path:
     """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own;
-    ``views``: copies of each patch the classifier reads (inference/rescoring.py); ``recentre_mm``: the
-    furthest a classifier with a centre head moves a candidate."""
+    ``views``: copies of each patch the classifier reads (inference/rescoring.py; default: the model's
+    second stage's, else 1); ``recentre_mm``: the furthest a classifier with a centre head moves a
+    candidate; ``tune_datalist``: real scans that choose the weight and threshold instead of phantoms.
+    A model that has a second stage gets the new classifier in its place (e.g. its own, fine-tuned on
+    a site's reviewed scans); its first stage must be the one the candidates were mined with."""
     first = load_model(model)
-    if first.card.second_stage is not None:
-        raise ValueError(f"{first.info.name} already has a second stage: attach to its first-stage model")
+    replaced = first.card.second_stage
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     mining = ckpt["mining"]
     if mining["model_sha256"] != first.info.sha256:
         raise ValueError(f"the classifier in {checkpoint} learned the candidates of {mining['model']}, "
                          f"not of {first.info.name}: mine {first.info.name}'s candidates and train again")
-    trained_on = {int(n.split("-")[1]) for n in ckpt["scans"] if n.startswith("phantom-")}
-    overlap = set(range(eval_seeds[0], eval_seeds[1] + 1)) & trained_on
-    if overlap:
-        raise ValueError(f"evaluation seeds overlap the classifier's training seeds: {sorted(overlap)[:5]}...")
+    scans, tuned_on = tuning_scans(ckpt, eval_seeds, tuning, tune_datalist, tune_section)
+    views = views or (replaced.views if replaced else 1)
     check_views(views, ckpt["patch_size"])
     centre_head = bool(ckpt.get("centre_head"))
     net = CandidateClassifier(ckpt["channels"], centre_head_cells(ckpt["patch_size"], ckpt["channels"]) if centre_head else 0)
@@ -117,7 +137,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
     cfg = ckpt["config"]
     fit_command = Path(checkpoint).parent / "command.txt"
-    seeds = sorted(trained_on)
+    seeds = sorted(int(n.split("-")[1]) for n in ckpt["scans"] if n.startswith("phantom-"))
     others = [n for n in ckpt["scans"] if not n.startswith("phantom-")]
     data = (f"candidates of {mining['model']} (top {mining['per_scan']} a scan, score >= {mining['floor']}) and a patch "
             f"at every reference nodule, on {len(seeds)} phantoms of generator {GENERATOR_VERSION}"
@@ -132,10 +152,13 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
                               device=f"cpu ({cfg['threads']} threads)"),
         metrics={f"validation_{k}": v for k, v in ckpt.get("validation", {}).items() if k.startswith("val_")},
     )
+    what = (f", its second stage fine-tuned ({first.info.name}'s classifier retrained on {len(others)} real scans)"
+            if replaced and cfg.get("init_weights") else
+            f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)")
     card = first.card.model_copy(deep=True, update={
         "name": name, "version": version, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "description": first.card.description + f", rescored by a second-stage candidate classifier ({first.info.name} + rescorer)"
-                       + outline_note(tuning),
+        "description": first.card.description + what + (f"; operating point chosen on {tuned_on}" if tune_datalist
+                                                         else outline_note(tuning)),
         "onnx_file": onnx_path.name, "state_dict_file": pt_path.name if first.state_dict_path else None,
         "second_stage": stage, "metrics": {}, "int8": None,  # a new model: its 8-bit copy is checked anew
     })
@@ -143,13 +166,16 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     card_path.write_text(card.model_dump_json(indent=2))
     spec = load_model(str(card_path))
     detector = Detector(spec)
-    weight, outcome, cpms = choose_weight(detector, detector.rescorer, phantom_scans(*eval_seeds, tuning),
-                                          card.inference.score_threshold)
-    print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on phantoms {eval_seeds[0]}-{eval_seeds[1]}; "
-          f"the detector alone: {cpms[0.0]:.4f})")
+    weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold)
+    print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on {tuned_on}; the detector alone: {cpms[0.0]:.4f})")
     card.second_stage.weight = weight
     card.second_stage.metrics.update({f"weight_selection_cpm_w{w:g}": round(c, 4) for w, c in cpms.items()})
-    card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
+    real = mining.get("real_series", [])
+    card.data.train_scans = sorted(set(card.data.train_scans) | set(real))
+    if tune_datalist is not None:
+        card.data.tune_scans = sorted({s.series_uid for s in scans})
+    else:
+        card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
     set_operating_point(card, outcome, max_fp_per_scan, card_path)
     print(f"wrote {card_path}, {out.with_suffix('.md')}, {onnx_path}, {stage_onnx}")
     print("metrics:", card.metrics)
@@ -158,13 +184,15 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
 def _run(args: argparse.Namespace) -> int:
     attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan,
-           shape_settings(args), args.views, args.recentre_mm)
+           shape_settings(args), args.views, args.recentre_mm, args.tune_datalist, args.tune_section)
     return 0
 
 
 def add_command(tsub: argparse._SubParsersAction) -> None:
     p = tsub.add_parser("attach-rescorer", help="a first-stage model + a trained rescorer -> a new two-stage model")
-    p.add_argument("--model", default="default", help="the first-stage model the candidates were mined with")
+    p.add_argument("--model", default="default",
+                   help="the model the candidates were mined with; a two-stage model gets the new second stage in "
+                        "place of its own")
     p.add_argument("--checkpoint", type=Path, required=True, help="runs/NAME/checkpoint.pt from `train fit-rescorer`")
     p.add_argument("--out", type=Path, required=True, help="models/NAME (writes NAME.json, .md, .onnx, .pt, -rescorer.*)")
     p.add_argument("--version", default="1.0.0")
@@ -172,9 +200,14 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="held-out phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
-    p.add_argument("--views", type=int, choices=VIEWS, default=1,
+    p.add_argument("--tune-datalist", type=Path, metavar="DATALIST",
+                   help="choose the fusion weight and threshold on these real scans (e.g. reviewed studies the "
+                        "classifier never learned from) instead of the --eval-seeds phantoms")
+    p.add_argument("--tune-section", default="validation", help="the --tune-datalist section (default: validation)")
+    p.add_argument("--views", type=int, choices=VIEWS,
                    help="copies of each candidate's patch the classifier reads, its logits averaged: 1 as cut, "
-                        "8 mirrored along every axis, 16 also turned in-plane (default: 1)")
+                        "8 mirrored along every axis, 16 also turned in-plane (default: the replaced second "
+                        "stage's, else 1)")
     p.add_argument("--recentre-mm", type=float, default=RECENTRE_MM,
                    help="with a classifier that has a centre head (fit-rescorer centre_head): the furthest it moves "
                         f"a candidate onto the nodule centre it finds (default {RECENTRE_MM:g})")

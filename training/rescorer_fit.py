@@ -192,7 +192,8 @@ def mining_record(folders: list[Path]) -> dict:
             if r[key] != records[0][key]:
                 raise ValueError(f"{f} was mined with {key} {r[key]}, {folders[0]} with {records[0][key]}: "
                                  "mine every folder with the same detector and patch settings")
-    return {**records[0], "folders": [{"path": str(f), **r} for f, r in zip(folders, records)]}
+    return {**records[0], "folders": [{"path": str(f), **r} for f, r in zip(folders, records)],
+            "real_series": sorted({uid for r in records for uid in r.get("real_series", [])})}
 
 
 def fit_rescorer(cfg: RescorerConfig, candidates: list[Path], out: Path, command: str = "") -> dict:

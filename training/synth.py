@@ -1089,11 +1089,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         from lungnode.training.lidc_shapes import library_split
 
         model = library_split(args.nodule_shapes, args.shape_split).field_model(args.real_shape_fraction)
-    if args.insert_into:
-        from lungnode.training.insertion import generate_inserted_dataset
+    if args.insert_into or args.insert_into_datalist:
+        from lungnode.training.insertion import generate_inserted_dataset, sources_from_datalist, sources_from_series
 
-        datalist = generate_inserted_dataset([Path(d) for d in args.insert_into], Path(args.out), args.n, args.seed,
-                                             fmt=args.format, annotations=args.annotations, nodule_model=model)
+        sources = sources_from_series([Path(d) for d in args.insert_into or []], args.annotations)
+        for d in args.insert_into_datalist or []:
+            sources += sources_from_datalist(Path(d))
+        datalist = generate_inserted_dataset(sources, Path(args.out), args.n, args.seed, fmt=args.format,
+                                             nodule_model=model)
         print(summarize(datalist, "real series with simulated nodules"))
         return 0
     datalist = generate_dataset(Path(args.out), args.n, args.seed, fmt=args.format, spacing=tuple(args.spacing),
@@ -1114,6 +1117,9 @@ def add_command(tsub) -> None:
     p.add_argument("--insert-into", action="append", metavar="SERIES_DIR",
                    help="instead of phantoms, write --n copies of this real CT series (repeat for more, used in "
                         "turn) with simulated nodules inserted; its own spacing is kept")
+    p.add_argument("--insert-into-datalist", action="append", metavar="DATALIST",
+                   help="like --insert-into, for every DICOM series of a datalist's training section (e.g. `train "
+                        "import feedback`): its nodules are kept clear of and listed, its rejected findings carried")
     p.add_argument("--annotations", metavar="CSV",
                    help="with --insert-into: LUNA16-style annotations.csv; the series' labelled nodules are "
                         "kept clear of and listed in the datalist")
