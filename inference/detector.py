@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask
+from lungnode.inference.lung_mask import inside_lungs, lung_bbox, lung_mask, touching_aerated_lung
 from lungnode.inference.onnx_runtime import create_session, network_precision
 from lungnode.inference.rescoring import Rescored, Rescorer, fuse
 from lungnode.inference.tta import fuse_views, mirror_boxes
@@ -261,8 +261,11 @@ class Detector:
         boxes, scores = boxes[keep], scores[keep]
         detections = [to_detection(box, score, prepared, volume) for box, score in zip(boxes, scores)]
         if lungs is not None and detections:
-            keep = inside_lungs(lungs, volume, np.array([d.center_mm for d in detections]),
-                                self.settings.lung_tolerance_mm)
+            centres = np.array([d.center_mm for d in detections])
+            keep = inside_lungs(lungs, volume, centres, self.settings.lung_tolerance_mm)
+            if self.settings.aerated_lung_tolerance_mm is not None:
+                keep &= touching_aerated_lung(lungs, volume, centres, np.array([d.diameter_mm / 2 for d in detections]),
+                                              self.settings.aerated_lung_tolerance_mm)
             boxes, scores = boxes[keep], scores[keep]
             detections = [d for d, k in zip(detections, keep) if k]
         return Candidates(prepared, boxes.reshape(-1, 6), scores, detections)

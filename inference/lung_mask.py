@@ -17,6 +17,7 @@ from scipy import ndimage
 from lungnode.inference.types import Volume
 
 AIR_HU = -400.0
+AERATED_HU = -600.0  # aerated lung parenchyma (about -850 HU) and airways; nodules, vessels and soft tissue lie above
 _IN_PLANE = np.array([[[0, 0, 0], [0, 0, 0], [0, 0, 0]],
                       [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                       [[0, 0, 0], [0, 0, 0], [0, 0, 0]]], bool)  # connectivity within one slice only
@@ -56,21 +57,39 @@ def inside_lungs(mask: np.ndarray, volume: Volume, centers_mm: np.ndarray, toler
     """For each LPS point (N, 3): whether its voxel is in the mask or a mask voxel's centre lies
     within ``tolerance_mm`` of it."""
     centers = np.asarray(centers_mm, dtype=np.float64).reshape(-1, 3)
+    return np.array([_near(mask, volume, c, tolerance_mm) for c in centers], bool).reshape(-1)
+
+
+def touching_aerated_lung(mask: np.ndarray, volume: Volume, centers_mm: np.ndarray, radii_mm: np.ndarray,
+                          tolerance_mm: float, aerated_hu: float = AERATED_HU) -> np.ndarray:
+    """For each LPS point (N, 3) with its finding's radius: whether aerated lung (mask voxels below
+    ``aerated_hu``) lies within radius + ``tolerance_mm`` of it. Every lung nodule, on the pleura too,
+    borders aerated lung; the tissue the mask's closing takes in below the lung base (liver and spleen
+    under the diaphragm's dome, bowel) does not, so a bright structure there is no lung finding even
+    where the mask reaches it."""
+    centers = np.asarray(centers_mm, dtype=np.float64).reshape(-1, 3)
+    radii = np.broadcast_to(np.asarray(radii_mm, dtype=np.float64), (len(centers),))
+    return np.array([_near(mask, volume, c, r + tolerance_mm, aerated_hu) for c, r in zip(centers, radii)],
+                    bool).reshape(-1)
+
+
+def _near(mask: np.ndarray, volume: Volume, center_mm: np.ndarray, reach_mm: float,
+          below_hu: float | None = None) -> bool:
+    """Whether a voxel of ``mask`` (below ``below_hu``, when given) lies within ``reach_mm`` of the
+    point (its own voxel counts)."""
     spacing_kji = np.asarray(volume.spacing[::-1])
-    reach = np.ceil(tolerance_mm / spacing_kji).astype(int)
-    out = np.zeros(len(centers), bool)
-    for n, kji in enumerate(volume.world_to_index(centers)[:, ::-1]):
-        near = np.rint(kji).astype(int)
-        if np.all((near >= 0) & (near < mask.shape)) and mask[tuple(near)]:
-            out[n] = True
-            continue
-        lo = np.maximum(near - reach, 0)
-        hi = np.minimum(near + reach + 1, mask.shape)
-        if np.any(hi <= lo):
-            continue
-        hits = np.argwhere(mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]) + lo
-        out[n] = len(hits) > 0 and np.min(np.linalg.norm((hits - kji) * spacing_kji, axis=1)) <= tolerance_mm
-    return out
+    kji = volume.world_to_index(np.asarray(center_mm, dtype=np.float64).reshape(1, 3))[0, ::-1]
+    near = np.rint(kji).astype(int)
+    reach = np.ceil(reach_mm / spacing_kji).astype(int)
+    lo, hi = np.maximum(near - reach, 0), np.minimum(near + reach + 1, mask.shape)
+    if np.any(hi <= lo):
+        return False
+    window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    found = mask[window] if below_hu is None else mask[window] & (volume.hu[window] < below_hu)
+    if np.all((near >= 0) & (near < mask.shape)) and found[tuple(near - lo)]:
+        return True
+    hits = np.argwhere(found) + lo
+    return len(hits) > 0 and float(np.min(np.linalg.norm((hits - kji) * spacing_kji, axis=1))) <= reach_mm
 
 
 class _AxialView:

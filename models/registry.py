@@ -70,6 +70,8 @@ class InferenceSettings(BaseModel):
     lung_mask: bool = True
     lung_margin_mm: float = 15.0
     lung_tolerance_mm: float = 5.0
+    # ... and findings with no aerated lung within their radius + this (tissue under the lung base); None = off
+    aerated_lung_tolerance_mm: float | None = 2.0
     # Test-time augmentation: the image axes to mirror, one tuple per view (() = as given); empty = one
     # view. inference/tta.py fuses the views.
     tta_flips: tuple[tuple[int, ...], ...] = ()

@@ -172,7 +172,7 @@ BOX_CONVENTION = "monai-voxel-corner"
 
 def _preprocessing(inf: InferenceSettings) -> dict:
     """What changes a cached image or its boxes (the cache key); detection-only settings are left out."""
-    return {**inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm", "sw_batch_size"}),
+    return {**inf.model_dump(mode="json", exclude={"lung_mask", "lung_margin_mm", "lung_tolerance_mm", "aerated_lung_tolerance_mm", "sw_batch_size"}),
             "boxes": BOX_CONVENTION}
 
 
