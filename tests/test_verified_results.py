@@ -202,7 +202,7 @@ def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overl
         for ds in (sr, found[GSPS_CLASS][0], found[SEG_CLASS][0], found[KOS_CLASS][0]):
             assert dciodvfy_errors(ds) == [], ds.Modality
 
-        oru = hl7.parse((node.data_dir / "results" / uid / "v2" / "oru.hl7").read_text().strip())
+        oru = hl7.parse((node.data_dir / "results" / uid / "v2" / "oru.hl7").read_bytes().decode())
         assert str(oru.segment("OBR")(25)) == "F"
         fhir = json.loads((node.data_dir / "results" / uid / "v2" / "fhir.json").read_text())
         assert next(e["resource"]["status"] for e in fhir["entry"]
