@@ -73,6 +73,9 @@ class ReportFacts:
         """One line a RIS user reads first: the outcome and the model (or the radiologist) behind it."""
         if self.not_processed_reason is not None:
             return f"Not processed: {self.not_processed_reason}"
+        if self.verification is not None and not self.nodules:
+            return (f"No lung nodules on review by {self.verifier} of results version "
+                    f"{self.verification.reviewed_version}.")
         if self.verification is not None:
             added = sum(n.score is None for n in self.nodules)
             return (f"{len(self.nodules)} lung nodule(s) verified by {self.verifier} on review of results version "
