@@ -21,7 +21,8 @@ from lungnode.inference.types import Detection, DetectionResult
 from lungnode.inference.volume import load_volume
 from lungnode.peers import NodeProcess, OrthancServer, free_port, wait_for
 from lungnode.reports.build import build_results
-from lungnode.reports.fhir_report import build_bundle
+from lungnode.reports.fhir_report import build_bundle, bundle_json
+from lungnode.reports.fhir_send import post_bundle
 from lungnode.reports.hl7_oru import build_oru
 from lungnode.reports.report_facts import report_facts
 from lungnode.reports.verification import ADDED_SCORE, Verification, verified_detections
@@ -29,6 +30,13 @@ from tests.conftest import need_tool
 from tests.test_end_to_end import (GSPS_CLASS, KOS_CLASS, SEG_CLASS, SR_CLASS, dciodvfy_errors, objects_by_class,
                                    phantom_study, sr_points, wait_done)
 from tests.test_reports import MODEL, _dciodvfy_errors, _reread, detections, study  # noqa: F401 (fixtures)
+from tests.test_ris import fhir_search, fhir_server  # noqa: F401 (fixture)
+from tests.test_web import LONG, browser, logged_in_page  # noqa: F401 (browser is a fixture)
+
+try:
+    from playwright.sync_api import expect
+except ImportError:
+    expect = None
 
 RADIOLOGIST, PASSWORD = "dr.lan", "radiologist-password-1"
 COMPLETED = datetime(2026, 3, 4, 10, 20, 30, tzinfo=timezone.utc)
@@ -131,6 +139,14 @@ def test_hl7_and_fhir_say_final_and_verified_and_give_the_added_nodule_no_score(
     assert all(c["code"]["coding"][0]["code"] != "111012" for c in n2["component"] if "coding" in c["code"])
 
 
+def test_a_fhir_server_takes_the_verified_report(facts, fhir_server):  # noqa: F811
+    """Medplum's R4 validator accepts the radiologist as a reference by name and the added nodule's Observation."""
+    post_bundle(fhir_server, bundle_json(facts, "urn:x").encode(), timeout=30)
+    (report,) = fhir_search(fhir_server, "DiagnosticReport")
+    assert report["status"] == "final" and report["resultsInterpreter"] == [{"display": "Lan Nguyen"}]
+    assert [o.get("performer") for o in report["contained"]] == [None, [{"display": "Lan Nguyen"}]]
+
+
 # --- the whole path -------------------------------------------------------------------------------
 def pacs_and_node(work, send_verified: bool):
     need_tool("Orthanc")
@@ -167,7 +183,7 @@ def srs_in(orthanc: OrthancServer, uid: str) -> list:
     return objects_by_class(orthanc, uid).get(SR_CLASS, [])
 
 
-def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overlays(tmp_path):
+def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overlays(tmp_path, browser):  # noqa: F811
     orthanc, node = pacs_and_node(tmp_path, send_verified=True)
     try:
         _, files = phantom_study(tmp_path, 90001, "VERIFIED-1")
@@ -207,6 +223,19 @@ def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overl
         fhir = json.loads((node.data_dir / "results" / uid / "v2" / "fhir.json").read_text())
         assert next(e["resource"]["status"] for e in fhir["entry"]
                     if e["resource"]["resourceType"] == "DiagnosticReport") == "final"
+
+        # The page shows the verified findings and asks for nothing; the worklist says who verified them.
+        page = logged_in_page(browser, node, f"/studies/{uid}", user=RADIOLOGIST, password=PASSWORD)
+        expect(page.locator("#review-state")).to_have_attribute("data-review", "verified", timeout=LONG)
+        expect(page.locator("#findings tbody tr")).to_have_count(2)
+        expect(page.locator("#findings tbody tr").nth(1).locator("td.score")).to_have_text("radiologist")
+        expect(page.locator("#findings button.confirm")).to_have_count(0)
+        expect(page.locator("#complete-review")).to_be_hidden()
+        expect(page.locator("#reopen-review")).to_be_visible()
+        expect(page.locator('[data-fact="verified"]')).to_contain_text(f"Verified by {RADIOLOGIST}")
+        page.goto(f"{node.url}/?lang=en")
+        expect(page.locator(f'tr[data-study-uid="{uid}"] td.review')).to_contain_text(f"Verified by {RADIOLOGIST}")
+        page.context.close()
 
         # Reopened and completed again: another verified version; the review asked about stays version 1.
         doctor = node.login(RADIOLOGIST, PASSWORD)
