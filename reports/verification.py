@@ -30,8 +30,9 @@ class Verification:
         return number in self.added
 
 
-def verified_detections(reviewed: list[Detection], confirmed: Iterable[int],
-                        added: Iterable[tuple[tuple[float, float, float], float]]) -> tuple[list[Detection], frozenset[int]]:
+def verified_detections(
+    reviewed: list[Detection], confirmed: Iterable[int], added: Iterable[tuple[tuple[float, float, float], float]]
+) -> tuple[list[Detection], frozenset[int]]:
     """The verified version's detections: the confirmed ones of ``reviewed`` (by number, N1 = 1, in
     order), then one per added nodule (centre in LPS mm, diameter): a box of its diameter around its
     centre, as the detector's boxes are. Returns them and the numbers of the added ones."""

@@ -104,9 +104,11 @@ def test_the_verified_sr_names_the_radiologist_and_never_gives_the_added_nodule_
     assert codes.DCM.AlgorithmName.value not in concepts(added), "the model did not find the added nodule"
     assert [m.name for m in added.get_measurements()] == [codes.SCT.Diameter]
     def found_by_person(group) -> bool:
-        return (codes.DCM.ObserverType, codes.DCM.Person) in [(e.name, e.value) for e in group.get_qualitative_evaluations()]
+        evaluations = [(e.name, e.value) for e in group.get_qualitative_evaluations()]
+        return (codes.DCM.ObserverType, codes.DCM.Person) in evaluations
     assert found_by_person(added) and not found_by_person(confirmed)
-    persons = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121008"]  # Person Observer Name
+    person_observer_name = "121008"
+    persons = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == person_observer_name]
     assert [str(i.PersonName) for i in persons] == ["Nguyen^Lan"]
 
     kinds = {ds.SOPClassUID: ds for ds in objects}
@@ -172,8 +174,8 @@ def review(node: NodeProcess, uid: str, version: int) -> dict:
         doctor.put(f"{url}/findings/{k}", json={"version": version, "verdict": "rejected", "reason": "vessel"},
                    timeout=10).raise_for_status()
     viewer = doctor.get(f"{node.url}/api/studies/{uid}/viewer", timeout=60).json()
-    doctor.post(f"{url}/added", json={"version": version, "slice": viewer["slices"] // 2, "column_px": viewer["columns"] / 3,
-                                      "row_px": viewer["rows"] / 2, "diameter_mm": 7.5}, timeout=60).raise_for_status()
+    click = {"slice": viewer["slices"] // 2, "column_px": viewer["columns"] / 3, "row_px": viewer["rows"] / 2}
+    doctor.post(f"{url}/added", json={"version": version, **click, "diameter_mm": 7.5}, timeout=60).raise_for_status()
     done = doctor.post(f"{url}/complete", json={"version": version}, timeout=10)
     assert done.status_code == 200, done.text
     return done.json()
@@ -246,8 +248,8 @@ def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overl
         doctor.post(f"{url}/complete", json={"version": 1}, timeout=10).raise_for_status()
         assert wait_done(node, uid, version=3)["verified"]["version"] == 3
 
-        records = [line for p in sorted((node.data_dir / "audit").glob("audit-*.log")) for line in p.read_text().splitlines()
-                   if "csd-code=\"VERIFIED\"" in line and uid in line]
+        lines = [line for p in sorted((node.data_dir / "audit").glob("audit-*.log")) for line in p.read_text().splitlines()]
+        records = [line for line in lines if 'csd-code="VERIFIED"' in line and uid in line]
         assert len(records) == 2 and all(f'UserID="{RADIOLOGIST}"' in r for r in records)
     finally:
         node.stop()
