@@ -248,7 +248,8 @@ def test_a_completed_review_reaches_orthanc_as_a_verified_sr_with_matching_overl
         doctor.post(f"{url}/complete", json={"version": 1}, timeout=10).raise_for_status()
         assert wait_done(node, uid, version=3)["verified"]["version"] == 3
 
-        lines = [line for p in sorted((node.data_dir / "audit").glob("audit-*.log")) for line in p.read_text().splitlines()]
+        logs = sorted((node.data_dir / "audit").glob("audit-*.log"))
+        lines = [line for p in logs for line in p.read_text().splitlines()]
         records = [line for line in lines if 'csd-code="VERIFIED"' in line and uid in line]
         assert len(records) == 2 and all(f'UserID="{RADIOLOGIST}"' in r for r in records)
     finally:
