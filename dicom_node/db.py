@@ -43,6 +43,12 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt);
 CREATE TABLE IF NOT EXISTS delivered_instances(
   delivery_id INTEGER NOT NULL, sop_uid TEXT NOT NULL, PRIMARY KEY(delivery_id, sop_uid)
 );
+CREATE TABLE IF NOT EXISTS verifications(
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  study_uid TEXT NOT NULL, reviewed_version INTEGER NOT NULL, user TEXT NOT NULL, completed_at REAL NOT NULL,
+  state TEXT NOT NULL DEFAULT 'pending', version INTEGER, reason TEXT, created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verifications_study ON verifications(study_uid, state);
 """
 
 RECEIVING, QUEUED, PROCESSING, DONE, NOT_PROCESSED, FAILED = (
@@ -50,6 +56,8 @@ RECEIVING, QUEUED, PROCESSING, DONE, NOT_PROCESSED, FAILED = (
 PENDING, SENT, SUPERSEDED = "pending", "sent", "superseded"
 # Delivery kinds: DICOM objects by C-STORE to the PACS, an HL7 ORU over MLLP or a FHIR Bundle to the RIS.
 DICOM, HL7, FHIR = "dicom", "hl7", "fhir"
+# A verified version asked for by a completed review: pending -> made (its version) | dropped (why).
+MADE, DROPPED = "made", "dropped"
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,21 @@ class Delivery:
     attempts: int
     next_attempt: float
     last_error: str | None
+
+
+@dataclass(frozen=True)
+class VerificationJob:
+    """A verified results version to make from the completed review of `reviewed_version`."""
+
+    id: int
+    study_uid: str
+    reviewed_version: int
+    user: str  # who completed the review
+    completed_at: float
+    state: str  # PENDING, MADE or DROPPED
+    version: int | None  # the version made
+    reason: str | None  # why it was dropped
+    created: float
 
 
 class JobDB:
@@ -211,6 +234,72 @@ class JobDB:
                 (state, version, reason, time.time(), series_uid, model, findings, seconds, study_uid),
             )
             return version
+
+    # --- verified versions (from a radiologist's completed review) -----------------------------------
+    def request_verification(self, study_uid: str, reviewed_version: int, user: str, completed_at: float) -> int:
+        """Queue a verified version of the study; one still pending for it is dropped (this one replaces it)."""
+        now = time.time()
+        with self._tx() as c:
+            c.execute("UPDATE verifications SET state=?, reason=? WHERE study_uid=? AND state=?",
+                      (DROPPED, "the review was completed again", study_uid, PENDING))
+            cur = c.execute("INSERT INTO verifications(study_uid, reviewed_version, user, completed_at, created) "
+                            "VALUES(?,?,?,?,?)", (study_uid, reviewed_version, user, completed_at, now))
+            return int(cur.lastrowid)
+
+    def next_verification(self) -> VerificationJob | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM verifications WHERE state=? ORDER BY id LIMIT 1",
+                                     (PENDING,)).fetchone()
+        return VerificationJob(**dict(row)) if row else None
+
+    def reviewable_version(self, study: Study) -> int:
+        """The results version a review of the study is about: the latest, or the one the latest (verified)
+        version was made from."""
+        made = self.verified_version(study.study_uid, study.version)
+        return made.reviewed_version if made else study.version
+
+    def verified_version(self, study_uid: str, version: int) -> VerificationJob | None:
+        """The verification that made results `version` of the study, None for the model's results."""
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM verifications WHERE study_uid=? AND state=? AND version=?",
+                                     (study_uid, MADE, version)).fetchone()
+        return VerificationJob(**dict(row)) if row else None
+
+    def current_verifications(self) -> dict[str, VerificationJob]:
+        """By study: the verification that made its latest version (studies whose latest is verified)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT v.* FROM verifications v JOIN studies s ON s.study_uid=v.study_uid "
+                                      "AND s.version=v.version WHERE v.state=?", (MADE,)).fetchall()
+        return {r["study_uid"]: VerificationJob(**dict(r)) for r in rows}
+
+    def last_verification(self, study_uid: str, reviewed_version: int) -> VerificationJob | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM verifications WHERE study_uid=? AND reviewed_version=? "
+                                     "ORDER BY id DESC LIMIT 1", (study_uid, reviewed_version)).fetchone()
+        return VerificationJob(**dict(row)) if row else None
+
+    def finish_verification(self, job_id: int, version: int, findings: int) -> bool:
+        """Record the verified version `version` as the study's latest, when the study still stands where
+        the review left it: done, its latest version the reviewed one or made from it, `version` the next.
+        False (the job dropped) when it moved on meanwhile."""
+        with self._tx() as c:
+            job = VerificationJob(**dict(c.execute("SELECT * FROM verifications WHERE id=?", (job_id,)).fetchone()))
+            s = c.execute("SELECT state, version FROM studies WHERE study_uid=?", (job.study_uid,)).fetchone()
+            made = c.execute("SELECT reviewed_version FROM verifications WHERE study_uid=? AND state=? AND version=?",
+                             (job.study_uid, MADE, s["version"])).fetchone() if s else None
+            reviewable = made["reviewed_version"] if made else s["version"] if s else None
+            if s is None or s["state"] != DONE or reviewable != job.reviewed_version or version != s["version"] + 1:
+                c.execute("UPDATE verifications SET state=?, reason=? WHERE id=?",
+                          (DROPPED, "the study has newer images or results than the review", job_id))
+                return False
+            c.execute("UPDATE studies SET version=?, findings=?, processed_at=?, reason=NULL WHERE study_uid=?",
+                      (version, findings, time.time(), job.study_uid))
+            c.execute("UPDATE verifications SET state=?, version=? WHERE id=?", (MADE, version, job_id))
+            return True
+
+    def drop_verification(self, job_id: int, reason: str) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE verifications SET state=?, reason=? WHERE id=?", (DROPPED, reason, job_id))
 
     def fail(self, study_uid: str, reason: str, max_attempts: int = 3) -> None:
         """A processing error: retry later up to `max_attempts`, then mark failed with the reason."""

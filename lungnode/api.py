@@ -13,18 +13,19 @@ from pydantic import BaseModel
 from lungnode import __version__
 from lungnode.accounts import Accounts, Principal
 from lungnode.audit import RERUN, RESEND, AuditTrail, Code
-from lungnode.dicom_node.db import PENDING, Delivery, Study
+from lungnode.dicom_node.db import PENDING, Delivery, Study, VerificationJob
 from lungnode.dicom_node.feedback import ReviewCounts
 from lungnode.inference.types import DetectionResult
 from lungnode.metrics import job_metrics
 from lungnode.node import Node
+from lungnode.pipeline import load_result, load_verification
 from lungnode.web.images import NoduleMark, SeriesView, SeriesViews, build_view, key_image_png
 from lungnode.web.access import AccessAudit
 from lungnode.web.feedback import add_feedback_routes
 from lungnode.web.login import add_login
 from lungnode.web.oidc import OidcClient, add_oidc
 from lungnode.web.pages import add_pages, renderer
-from lungnode.web.results import key_image_files, load_result, version_dir
+from lungnode.web.results import key_image_files, version_dir
 from lungnode.web.security import client_ip, install_security, require_admin
 
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG image"}}
@@ -40,12 +41,25 @@ class Health(BaseModel):
 
 
 @dataclass(frozen=True)
+class VerifiedBy:
+    """The study's latest results are a verified version: made from the review of `reviewed_version`,
+    completed by `user` at `completed_at`."""
+
+    version: int
+    reviewed_version: int
+    user: str
+    completed_at: float
+
+
+@dataclass(frozen=True)
 class StudySummary(Study):
-    """A study as the worklist shows it: the job state, how many result deliveries still wait, and the
-    radiologist's review of its latest results (None: not reviewed)."""
+    """A study as the worklist shows it: the job state, how many result deliveries still wait, the
+    radiologist's review of its latest results (None: not reviewed; for a verified latest version, the
+    review it came from) and, when the latest version is a verified one, who verified it."""
 
     pending_deliveries: int
     review: ReviewCounts | None
+    verified: VerifiedBy | None
 
 
 class DeliveryOut(BaseModel):
@@ -69,9 +83,14 @@ class KeyImage(BaseModel):
 
 @dataclass(frozen=True)
 class StudyDetail(StudySummary):
-    """A study with its latest results (result.json), key images and deliveries."""
+    """A study with the results the page shows (result.json of `shown_version`), key images and deliveries.
+    `shown_version` is the latest version, except while the review a verified latest version came from is
+    reopened: then the reviewed version, whose findings the verdicts are about. `added_by_radiologist`: the
+    numbers of the shown findings a radiologist added (a verified version)."""
 
+    shown_version: int
     result: DetectionResult | None
+    added_by_radiologist: list[int]
     deliveries: list[DeliveryOut]
     key_images: list[KeyImage]
 
@@ -114,17 +133,27 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
             raise HTTPException(404, f"no study {study_uid}")
         return s
 
-    def summary(s: Study, pending: int, review: ReviewCounts | None) -> dict:
-        return {**asdict(s), "pending_deliveries": pending, "review": review}
+    def verified_by(job: VerificationJob | None) -> VerifiedBy | None:
+        return VerifiedBy(job.version, job.reviewed_version, job.user, job.completed_at) if job else None
 
-    def result_of(s: Study) -> DetectionResult | None:
-        return load_result(version_dir(results_root, s.study_uid, s.version))
+    def summary(s: Study, pending: int, review: ReviewCounts | None, verified: VerificationJob | None) -> dict:
+        return {**asdict(s), "pending_deliveries": pending, "review": review, "verified": verified_by(verified)}
+
+    def result_of(s: Study, version: int) -> DetectionResult | None:
+        return load_result(version_dir(results_root, s.study_uid, version))
+
+    def shown_version(s: Study) -> int:
+        reviewed = node.db.reviewable_version(s)
+        if reviewed != s.version and node.feedback.review(s.study_uid, reviewed).completion is None:
+            return reviewed  # the review a verified version came from is reopened: its findings
+        return s.version
 
     def series_view(study_uid: str) -> SeriesView:
         s = study_or_404(study_uid)
+        version = shown_version(s)
 
         def load() -> SeriesView:  # only when the view is not cached
-            result = load_result(version_dir(results_root, study_uid, s.version))
+            result = load_result(version_dir(results_root, study_uid, version))
             if result is None or result.series_instance_uid is None or result.not_processed_reason:
                 raise HTTPException(404, "no processed series for this study")
             paths = node.db.instance_paths(study_uid, result.series_instance_uid)
@@ -133,7 +162,7 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
             except FileNotFoundError as exc:  # the message would name a server path: not shown
                 raise HTTPException(404, "the processed series' images are no longer on the node") from exc
 
-        return views.get(study_uid, s.version, load)
+        return views.get(study_uid, version, load)
 
     @app.get("/health", summary="Liveness, identity and the delivery backlog", response_model=Health)
     def health() -> dict:
@@ -147,8 +176,11 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
         access.worklist_read(request)
         pending = node.db.pending_by_study()
         listed = node.db.studies()
-        reviews = node.feedback.counts({s.study_uid: s.version for s in listed})
-        return [summary(s, pending.get(s.study_uid, 0), reviews.get(s.study_uid)) for s in listed]
+        verified = node.db.current_verifications()
+        reviews = node.feedback.counts({s.study_uid: verified[s.study_uid].reviewed_version if s.study_uid in verified
+                                        else s.version for s in listed})
+        return [summary(s, pending.get(s.study_uid, 0), reviews.get(s.study_uid), verified.get(s.study_uid))
+                for s in listed]
 
     @app.get("/api/studies/{study_uid}", summary="One study: state, latest results, key images, deliveries",
              response_model=StudyDetail)
@@ -156,10 +188,15 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
         s = study_or_404(study_uid)
         access.record_read(request, s)
         deliveries = node.db.deliveries(study_uid)
-        directory = version_dir(results_root, study_uid, s.version)
+        shown = shown_version(s)
+        directory = version_dir(results_root, study_uid, shown)
         base = f"/api/studies/{study_uid}/key-images"
-        review = node.feedback.counts({study_uid: s.version}).get(study_uid)
-        return {**summary(s, sum(d.state == PENDING for d in deliveries), review), "result": load_result(directory),
+        review = node.feedback.counts({study_uid: node.db.reviewable_version(s)}).get(study_uid)
+        verification = load_verification(directory)
+        return {**summary(s, sum(d.state == PENDING for d in deliveries), review,
+                          node.db.verified_version(study_uid, s.version)),
+                "shown_version": shown, "result": load_result(directory),
+                "added_by_radiologist": verification.added if verification else [],
                 "deliveries": [delivery_out(d) for d in deliveries],
                 "key_images": [KeyImage(number=n, url=f"{base}/{n}", thumbnail_url=f"{base}/{n}?size=256")
                                for n in sorted(key_image_files(directory))]}
@@ -169,7 +206,7 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
     def key_image(study_uid: str, number: int, request: Request,
                   size: int | None = Query(None, ge=32, le=2048)) -> Response:
         s = study_or_404(study_uid)
-        path = key_image_files(version_dir(results_root, study_uid, s.version)).get(number)
+        path = key_image_files(version_dir(results_root, study_uid, shown_version(s))).get(number)
         if path is None:
             raise HTTPException(404, f"no key image N{number} in the latest results")
         access.images_read(request, s)
@@ -181,7 +218,7 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
         view = series_view(study_uid)
         access.images_read(request, node.db.study(study_uid))
         k, rows, columns = view.grey.shape
-        return {"version": node.db.study(study_uid).version, "series_uid": view.series_uid, "slices": k,
+        return {"version": shown_version(node.db.study(study_uid)), "series_uid": view.series_uid, "slices": k,
                 "rows": rows, "columns": columns, "spacing_mm": view.spacing_mm, "nodules": view.nodules}
 
     @app.get("/api/studies/{study_uid}/slices/{k}", summary="Slice k (0-based) of the processed series, "
@@ -224,8 +261,11 @@ def create_app(node: Node, accounts: Accounts, audit: AuditTrail) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_feedback_routes(app, store=node.feedback, audit=audit, study_or_404=study_or_404, result_of=result_of,
-                        series_view=series_view, on_read=access.record_read)
+    add_feedback_routes(app, store=node.feedback, audit=audit, study_or_404=study_or_404,
+                        reviewable=node.db.reviewable_version, result_of=result_of, series_view=series_view,
+                        on_read=access.record_read, request_verified=node.request_verified,
+                        send_verified=node.settings.send_verified_results,
+                        last_verification=node.db.last_verification)
 
     render = renderer(node)
     add_pages(app, node, render)

@@ -16,6 +16,7 @@ Events and their DICOM codes (DCM unless said):
 | re-run | 110103 DICOM Instances Accessed | RERUN (99LUNGNODE) | U |
 | re-send | 110104 DICOM Instances Transferred | RESEND (99LUNGNODE) | R |
 | feedback: verdict, added nodule, review complete (made / changed / withdrawn) | 110110 Patient Record | FEEDBACK (99LUNGNODE) | C / U / D |
+| verified results version made from a completed review and queued to the destinations (or not, and why) | 110110 Patient Record | VERIFIED (99LUNGNODE) | C |
 | user, password or API token created / changed | 110113 Security Alert | 110137 User Security Attributes Changed | E |
 | node started / stopped | 110100 Application Activity | 110120 / 110121 Application Start / Stop | E |
 | DICOM association that stored instances | 110104 DICOM Instances Transferred | TLS / PLAIN (99LUNGNODE) | C |
@@ -72,6 +73,7 @@ APPLICATION_ROLE = Code("110150", "DCM", "Application")
 RERUN = Code("RERUN", "99LUNGNODE", "Re-run requested")
 RESEND = Code("RESEND", "99LUNGNODE", "Re-send requested")
 FEEDBACK = Code("FEEDBACK", "99LUNGNODE", "Radiologist feedback on the AI findings")
+VERIFIED = Code("VERIFIED", "99LUNGNODE", "Verified results made from a radiologist's review")
 TLS = Code("TLS", "99LUNGNODE", "DICOM TLS")
 PLAIN = Code("PLAIN", "99LUNGNODE", "DICOM without TLS")
 STUDY_UID_TYPE = Code("110180", "DCM", "Study Instance UID")
@@ -258,6 +260,15 @@ class AuditTrail:
         subjects[0] = Subject(study_uid, STUDY_UID_TYPE, 2, 3, details=(("feedback", what),))
         self.record(AuditEvent(PATIENT_RECORD, action, [Actor(user, True, ip), self._application()], subjects,
                                (FEEDBACK,)))
+
+    def verified_results(self, user: str, study_uid: str, patient_id: str | None, what: str,
+                         failed: str | None = None) -> None:
+        """A verified results version made and queued for sending (``what``: which, from which review, to
+        where), on behalf of the radiologist who completed the review; ``failed`` says why it was not."""
+        subjects = study_subjects(study_uid, patient_id)
+        subjects[0] = Subject(study_uid, STUDY_UID_TYPE, 2, 3, details=(("verified", what),))
+        self.record(AuditEvent(PATIENT_RECORD, "C", [Actor(user, True), self._application()], subjects, (VERIFIED,),
+                               MINOR_FAILURE if failed else SUCCESS, failed))
 
     def account_changed(self, actor: str, address: str | None, account: str, change: str) -> None:
         """A user, password or API token created or changed (`change` says which)."""

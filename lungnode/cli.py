@@ -36,7 +36,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"\nNo user existed: created the admin account '{FIRST_ADMIN}' with the password\n\n"
                   f"    {first_password}\n\nLog in and keep it safe; it is not shown again "
                   f"(`lungnode users passwd {FIRST_ADMIN}` sets another).\n", flush=True)
-    node = Node(settings, on_association=audit.dicom_association)
+    node = Node(settings, on_association=audit.dicom_association, on_verified=audit.verified_results)
     node.start()
     audit.application(started=True)
     scheme = "https" if settings.tls_cert else "http"

@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     fhir_url: str | None = None
     fhir_patient_system: str = "urn:lungnode:patient-id"  # Identifier.system of the DICOM Patient ID
     ris_timeout_seconds: float = 30.0
+    # A radiologist's completed review goes back as a verified results version (SR VERIFIED, overlays, RIS).
+    send_verified_results: bool = False
     # Web security: who may reach the page and API, and the audit trail (README, "For the security officer").
     allowed_hosts: Annotated[list[str], NoDecode] = ["127.0.0.1", "localhost"]  # others get 400 (Host header)
     session_minutes: float = 480.0  # a login lasts this long, then the page asks again

@@ -2,12 +2,18 @@
 each a thread around the one job database.
 
 Results go to every configured destination, each its own row in the outbox: the PACS (DICOM
-C-STORE), the RIS by HL7 ORU over MLLP, and a FHIR server; one that is down does not hold up the others."""
+C-STORE), the RIS by HL7 ORU over MLLP, and a FHIR server; one that is down does not hold up the others.
+
+With `send_verified_results`, a radiologist's completed review is queued as a verified version
+(`request_verified`); the worker makes it between studies, the same way as the model's results, and it
+is delivered like them."""
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +21,8 @@ import pydicom
 
 from lungnode.config import Settings
 from lungnode.dicom_node.completion import CompletionMonitor
-from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB
-from lungnode.dicom_node.feedback import FeedbackStore
+from lungnode.dicom_node.db import DICOM, DONE, FHIR, HL7, NOT_PROCESSED, Delivery, JobDB, Study, VerificationJob
+from lungnode.dicom_node.feedback import FeedbackStore, ReviewCompletion
 from lungnode.dicom_node.receiver import AssociationHandler
 from lungnode.dicom_node.reconcile import reconcile
 from lungnode.dicom_node.retention import purge_expired
@@ -26,7 +32,7 @@ from lungnode.dicom_node.tls import client_context
 from lungnode.inference.detector import Detector
 from lungnode.inference.series_selection import SelectionRules
 from lungnode.models.registry import load_model
-from lungnode.pipeline import FHIR_FILE, ORU_FILE, process_study, results_dir_for
+from lungnode.pipeline import FHIR_FILE, ORU_FILE, load_result, process_study, results_dir_for, verify_study
 from lungnode.reports.fhir_send import post_bundle
 from lungnode.reports.hl7_oru import MessageParties
 from lungnode.reports.mllp_send import send_hl7
@@ -35,6 +41,8 @@ from lungnode.reports.send import SendError, delete_series_from_orthanc, send_fi
 log = logging.getLogger(__name__)
 _PAYLOAD = {HL7: ORU_FILE, FHIR: FHIR_FILE}  # the file each RIS delivery sends
 RETENTION_PERIOD_SECONDS = 3600.0
+# Told when a verified version was made and queued (or could not be): the radiologist, the study, what.
+VerifiedHandler = Callable[[str, str, str | None, str, str | None], None]
 
 
 def result_files(directory: Path) -> list[Path]:
@@ -56,9 +64,16 @@ def destinations(s: Settings) -> list[Destination]:
     return out
 
 
+def _parties(s: Settings) -> MessageParties:
+    return MessageParties(s.hl7_sending_application, s.hl7_sending_facility, s.hl7_receiving_application,
+                          s.hl7_receiving_facility)
+
+
 class Node:
-    def __init__(self, settings: Settings, on_association: AssociationHandler | None = None) -> None:
-        """``on_association`` hears how each DICOM connection went (the audit trail)."""
+    def __init__(self, settings: Settings, on_association: AssociationHandler | None = None,
+                 on_verified: VerifiedHandler | None = None) -> None:
+        """``on_association`` hears how each DICOM connection went, ``on_verified`` each verified version
+        made (user, study UID, patient ID, what, why it failed or None): the audit trail."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = JobDB(settings.db_path)
@@ -70,6 +85,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.detector: Detector | None = None
         self.destinations = destinations(settings)
+        self.on_verified = on_verified
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +118,10 @@ class Node:
         while not self._stop.is_set():
             study = self.db.claim_next()
             if study is None:
+                job = self.db.next_verification()
+                if job is not None:
+                    self._verify(job)
+                    continue
                 self.completion.wake.wait(self.settings.poll_seconds)
                 self.completion.wake.clear()
                 continue
@@ -114,11 +134,9 @@ class Node:
     def _process(self, study_uid: str, version: int) -> None:
         s = self.settings
         rules = SelectionRules(s.min_slices, s.max_slice_spacing_mm, s.max_pixel_spacing_mm)
-        parties = MessageParties(s.hl7_sending_application, s.hl7_sending_facility, s.hl7_receiving_application,
-                                 s.hl7_receiving_facility)
         self.scp.journal.wait_filed(study_uid)  # indexed on receipt, filed just after
         outcome = process_study(study_uid, self.db.instance_paths(study_uid), version, self.detector, rules,
-                                s.results_dir, parties=parties, fhir_patient_system=s.fhir_patient_system)
+                                s.results_dir, parties=_parties(s), fhir_patient_system=s.fhir_patient_system)
         r = outcome.result
         state = NOT_PROCESSED if r.not_processed_reason else DONE
         done = self.db.finish(study_uid, state, reason=r.not_processed_reason, series_uid=r.series_instance_uid,
@@ -129,6 +147,53 @@ class Node:
                      study_uid, version)
             return
         self._queue(study_uid, version, outcome.results_dir)
+
+    def _verify(self, job: VerificationJob) -> None:
+        """Make the verified version a completed review asked for, queue it, and tell ``on_verified``;
+        drop it (told, with why) when the review or the study changed meanwhile or it cannot be made."""
+        s = self.settings
+        study = self.db.study(job.study_uid)
+        review = self.feedback.review(job.study_uid, job.reviewed_version)
+        what = f"verified version from the review of v{job.reviewed_version}"
+        if review.completion is None or review.completion.completed_at != job.completed_at:
+            self.db.drop_verification(job.id, "the review was reopened or completed again")
+            return
+        try:
+            reviewed = load_result(results_dir_for(s.results_dir, job.study_uid, job.reviewed_version))
+            if study is None or reviewed is None or reviewed.series_instance_uid is None:
+                raise ValueError(f"results version {job.reviewed_version} has no processed series")
+            version = study.version + 1
+            outcome = verify_study(
+                reviewed, review, self.db.instance_paths(job.study_uid, reviewed.series_instance_uid), version,
+                observer_name=job.user, default_organization=s.hl7_sending_facility, results_root=s.results_dir,
+                parties=_parties(s), fhir_patient_system=s.fhir_patient_system)
+        except Exception as exc:  # one bad verification must not stop the worker
+            log.exception("study %s: the %s could not be made", job.study_uid, what)
+            self.db.drop_verification(job.id, f"{type(exc).__name__}: {exc}")
+            self._told(job, study, what, f"not made: {exc}")
+            return
+        if not self.db.finish_verification(job.id, version, len(outcome.result.detections)):
+            shutil.rmtree(outcome.results_dir, ignore_errors=True)
+            self._told(job, study, what, "not made: the study has newer images or results than the review")
+            return
+        queued = self._queue(job.study_uid, version, outcome.results_dir)
+        to = ", ".join(d.name for d in self.destinations) if queued else "nowhere (no destination configured)"
+        self._told(job, study, f"v{version}: {what}, {len(outcome.result.detections)} nodule(s), queued for {to}",
+                   None)
+
+    def _told(self, job: VerificationJob, study: Study | None, what: str, failed: str | None) -> None:
+        if self.on_verified is not None:
+            patient_id = (study.patient_id or None) if study else None
+            self.on_verified(job.user, job.study_uid, patient_id, what, failed)
+
+    def request_verified(self, completion: ReviewCompletion) -> bool:
+        """Queue a verified version for a completed review; False (nothing queued) with the setting off."""
+        if not self.settings.send_verified_results:
+            return False
+        self.db.request_verification(completion.study_uid, completion.version, completion.completed_by,
+                                     completion.completed_at)
+        self.completion.wake.set()
+        return True
 
     def _queue(self, study_uid: str, version: int, path: Path) -> int:
         """One delivery per configured destination. Results made before RIS delivery existed have no

@@ -4,7 +4,8 @@ Each run gets new series (SR, key images, presentation state, segmentation, key 
 whose number and description carry ``version``, so a PACS lists the newest results of a re-processed
 study last and labelled as such. The presentation state, the segmentation and the KOS exist only when
 something was found (a KOS must flag at least one object, and flagging a study without findings would
-mislead; see kos.py); the segmentation also not for multi-frame sources (see seg.py).
+mislead; see kos.py); the segmentation also not for multi-frame sources (see seg.py). A version a
+radiologist verified goes through the same builders with its `Verification` (verification.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lungnode.reports.result_series import ResultSeries, new_series
 from lungnode.reports.seg import build_seg
 from lungnode.reports.source_refs import findings_of
 from lungnode.reports.sr import build_sr
+from lungnode.reports.verification import Verification
 
 def build_results(
     result: DetectionResult,
@@ -29,6 +31,7 @@ def build_results(
     version: int = 1,
     manufacturer: str = "lungnode",
     institution: str | None = None,
+    verification: Verification | None = None,
 ) -> list[pydicom.Dataset]:
     """The SR first, then one key image per detection (in detection order), then the presentation state,
     the segmentation and the key object selection (only with detections), all in ``source``'s study.
@@ -48,23 +51,22 @@ def build_results(
         raise ValueError("volume and source belong to different studies")
 
     has_findings = result.not_processed_reason is None and bool(result.detections) and volume is not None
-    findings = findings_of(volume, result.detections) if has_findings else []
+    added = verification.added if verification else frozenset()
+    findings = findings_of(volume, result.detections, added) if has_findings else []
     def series(kind: str) -> ResultSeries:
-        return new_series(kind, version, manufacturer, institution)
+        return new_series(kind, version, manufacturer, institution, verified=verification is not None)
 
-    sr = build_sr(result, volume, source, findings, series=series("sr"))
+    sr = build_sr(result, volume, source, findings, series=series("sr"), verification=verification)
     if not has_findings:
         return _dated([sr])
     key_series = series("key images")  # one series for all of them
-    key_images = [
-        build_key_image(volume, finding.detection, finding.number, source, series=key_series,
-                        model=result.model)
-        for finding in findings
-    ]
+    key_images = [build_key_image(volume, finding, source, series=key_series, model=result.model)
+                  for finding in findings]
     overlay = (findings, volume, source, result.model)
-    gsps = build_gsps(*overlay, series=series("gsps"))
-    seg = build_seg(*overlay, series=series("seg"))
-    kos = build_kos(*overlay, sr=sr, gsps=gsps, seg=seg, key_images=key_images, series=series("kos"))
+    gsps = build_gsps(*overlay, series=series("gsps"), verification=verification)
+    seg = build_seg(*overlay, series=series("seg"), verification=verification)
+    kos = build_kos(*overlay, sr=sr, gsps=gsps, seg=seg, key_images=key_images, series=series("kos"),
+                    verification=verification)
     return _dated([sr, *key_images, gsps, *([seg] if seg is not None else []), kos])
 
 

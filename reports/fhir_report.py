@@ -15,6 +15,9 @@ What is in it, and why:
   the source slice (SOP Instance UID), its Instance Number (and frame, multi-frame); device = the model.
 * The model is a Device (identifier = the SR's device observer UID). R4 allows no Device as
   DiagnosticReport.performer, so it is the Observations' device, and the conclusion names it.
+* A version a radiologist verified names them as the report's resultsInterpreter (a reference by display
+  name: lungnode knows no Practitioner resource of theirs); a nodule they added has the radiologist as its
+  performer instead of the model as its device, and no confidence.
 
 No duplicates on a resend: Patient, ImagingStudy and Device carry deterministic identifiers and are sent
 as conditional creates (ifNoneExist); the DiagnosticReport, one per study, is a conditional update: a
@@ -57,7 +60,7 @@ def build_bundle(facts: ReportFacts, patient_system: str) -> Bundle:
         study_ref = _add(entries, _imaging_study(facts, patient_ref))
     observations = []
     if facts.nodules:
-        device_ref = _add(entries, _device(facts))
+        device_ref = _add(entries, _device(facts)) if any(n.score is not None for n in facts.nodules) else None
         observations = [_observation(facts, n, patient_ref, study_ref, device_ref) for n in facts.nodules]
     _add(entries, _diagnostic_report(facts, patient_ref, study_ref, observations), update=True)
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
@@ -80,6 +83,8 @@ def _diagnostic_report(facts: ReportFacts, patient_ref: dict | None, study_ref: 
         "issued": facts.created.isoformat(),
         "conclusion": f"{facts.summary} Results version {facts.version}.",
     }
+    if facts.verification is not None:
+        report["resultsInterpreter"] = [{"display": facts.verifier}]
     if facts.accession:
         report["basedOn"] = [{"type": "ServiceRequest", "identifier": {"type": ACSN, "value": facts.accession}}]
     if patient_ref:
@@ -95,10 +100,11 @@ def _diagnostic_report(facts: ReportFacts, patient_ref: dict | None, study_ref: 
 
 
 def _observation(facts: ReportFacts, n: NoduleFacts, patient_ref: dict | None, study_ref: dict | None,
-                 device_ref: dict) -> dict:
+                 device_ref: dict | None) -> dict:
     components = [
         {"code": _concept(codes.SCT.Diameter), "valueQuantity": _quantity(round(n.diameter_mm, 1), "mm")},
-        {"code": _concept(DETECTION_CONFIDENCE), "valueQuantity": _quantity(round(n.score, 3), "1")},
+        *([{"code": _concept(DETECTION_CONFIDENCE), "valueQuantity": _quantity(round(n.score, 3), "1")}]
+          if n.score is not None else []),
         *({"code": {"text": f"Center {axis} (DICOM patient coordinates, LPS)"},
            "valueQuantity": _quantity(round(value, 1), "mm")} for axis, value in zip("xyz", n.center_mm)),
         {"code": _concept(codes.DCM.SourceOfMeasurement), "valueString": f"urn:oid:{n.slice_sop_instance_uid}"},
@@ -119,9 +125,12 @@ def _observation(facts: ReportFacts, n: NoduleFacts, patient_ref: dict | None, s
         "effectiveDateTime": _effective(facts) or facts.created.isoformat(),
         "issued": facts.created.isoformat(),
         "bodySite": _concept(codes.SCT.Lung),
-        "device": device_ref,
         "component": components,
     }
+    if n.score is None:  # added by the verifying radiologist
+        observation["performer"] = [{"display": facts.verifier}]
+    else:
+        observation["device"] = device_ref
     if patient_ref:
         observation["subject"] = patient_ref
     if study_ref:

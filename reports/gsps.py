@@ -15,8 +15,10 @@ from pydicom.multival import MultiValue
 from lungnode.inference.types import ModelInfo, Volume
 from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, series_headers, slice_header
+from lungnode.reports.verification import Verification
 
 LAYER = "LUNGNODE_AI"  # also the state's Content Label, which viewers list it by
+VERIFIED_LAYER = "LUNGNODE_REVIEW"  # the same for a version a radiologist verified (at most 16 characters)
 LAYER_RGB = (255, 40, 40)  # as the key images' boxes
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width (HU)
 
@@ -28,21 +30,27 @@ def build_gsps(
     model: ModelInfo,
     *,
     series: ResultSeries,
+    verification: Verification | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """One presentation state over the whole source series with one circle + label per finding."""
     if not findings:
         raise ValueError("a presentation state needs at least one finding to mark")
     rows, columns = int(source.Rows), int(source.Columns)
+    name = VERIFIED_LAYER if verification else LAYER
+    about = (f"{len(findings)} nodule(s) verified by a radiologist" if verification else
+             f"{len(findings)} AI nodule candidate(s), not reviewed")
     layer = hd.pr.GraphicLayer(
-        layer_name=LAYER, order=1, description=f"{model.name} {model.version} nodule candidates",
+        layer_name=name, order=1,
+        description=f"nodules verified on review of results v{verification.reviewed_version}" if verification
+        else f"{model.name} {model.version} nodule candidates",
         display_color=hd.color.CIELabColor.from_rgb(*LAYER_RGB),
     )
     annotations = [_annotation(f, volume, source, layer, rows, columns) for f in findings]
     state = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=series_headers(volume, source),
         device_serial_number=model.sha256[:16],  # the weights' hash: the same number is the same model
-        content_label=LAYER,
-        content_description=f"{len(findings)} AI nodule candidate(s), not reviewed",
+        content_label=name,
+        content_description=about,
         graphic_annotations=annotations,
         graphic_layers=[layer],
         modality_lut_transformation=_modality_lut(source),

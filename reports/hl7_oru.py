@@ -19,6 +19,8 @@ the node could not read gets OBR-25 'X' - HL7 table 0123 "No results available; 
 ORC-5 'CA' (table 0038 "Order was canceled"): 'X' is the one 2.5.1 status that says no result will
 come from this order, which is true (only a re-run after new images can produce one); the reason is
 in the comment OBX, so the RIS shows why. The OBX values themselves are final facts (OBX-11 'F').
+A version a radiologist verified is also 'F'; its comment names them, and a nodule they added has no
+certainty OBX (the model did not find it).
 
 Text is UTF-8 (MSH-18 'UNICODE UTF-8') and only the delimiters are escaped: python-hl7's escape()
 turns every non-ASCII character into \\Xhh\\, which is undefined for characters beyond Latin-1
@@ -113,7 +115,7 @@ def _nodule_observations(n: NoduleFacts) -> list[Obx]:
         ("CE", codes.DCM.Finding, sub, _ce(codes.SCT.Nodule), ""),
         ("CE", codes.SCT.FindingSite, sub, _ce(codes.SCT.Lung), ""),
         ("NM", codes.SCT.Diameter, sub, f"{n.diameter_mm:.1f}", MM),
-        ("NM", DETECTION_CONFIDENCE, sub, f"{n.score:.3f}", NO_UNITS),
+        *([("NM", DETECTION_CONFIDENCE, sub, f"{n.score:.3f}", NO_UNITS)] if n.score is not None else []),
         ("NA", Code(codes.DCM.Center.value, "DCM", "Center (LPS)"), sub, centre, MM),
         ("RP", codes.DCM.SourceOfMeasurement, sub, (n.slice_sop_instance_uid, "", "Image", "DICOM"), ""),
     ]

@@ -6,6 +6,7 @@ viewer; the pixels are RGB so the annotation colour cannot be mistaken for anato
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -15,6 +16,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from lungnode.inference.types import Detection, ModelInfo, SliceRef, Volume
 from lungnode.reports.result_series import ResultSeries
+
+if TYPE_CHECKING:  # source_refs imports this module
+    from lungnode.reports.source_refs import Finding
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)
 BOX_RGB = (255, 40, 40)
@@ -32,9 +36,10 @@ def centre_slice_index(volume: Volume, center_mm: tuple[float, float, float]) ->
     return int(np.clip(round(k), 0, volume.hu.shape[0] - 1))
 
 
-def label_text(number: int, detection: Detection) -> str:
-    """The on-image label: "N1 8.4 mm 0.91" (number as in the SR tracking identifier, diameter, score)."""
-    return f"N{number} {detection.diameter_mm:.1f} mm {detection.score:.2f}"
+def label_text(number: int, detection: Detection, added: bool = False) -> str:
+    """The on-image label: "N1 8.4 mm 0.91" (number as in the SR tracking identifier, diameter, score);
+    a nodule the radiologist added has no model score: "N3 7.5 mm radiologist"."""
+    return f"N{number} {detection.diameter_mm:.1f} mm " + ("radiologist" if added else f"{detection.score:.2f}")
 
 
 def box_pixels(volume: Volume, detection: Detection) -> tuple[float, float, float, float]:
@@ -45,7 +50,7 @@ def box_pixels(volume: Volume, detection: Detection) -> tuple[float, float, floa
     return float(ijk[:, 0].min()), float(ijk[:, 1].min()), float(ijk[:, 0].max()), float(ijk[:, 1].max())
 
 
-def render(volume: Volume, detection: Detection, number: int) -> np.ndarray:
+def render(volume: Volume, detection: Detection, label: str) -> np.ndarray:
     """RGB uint8 image (rows, cols, 3) of the centre slice in lung window with box, label and footer."""
     plane = volume.hu[centre_slice_index(volume, detection.center_mm)].astype(np.float64)
     lo, hi = LUNG_WINDOW_HU
@@ -68,7 +73,6 @@ def render(volume: Volume, detection: Detection, number: int) -> np.ndarray:
     draw.rectangle(box, outline=BOX_RGB, width=width)
 
     font = ImageFont.load_default(size=max(10, side // 28))
-    label = label_text(number, detection)
     left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
     pad = width
     y = box[1] - (bottom - top) - 3 * pad
@@ -117,18 +121,18 @@ def _reference(ref: SliceRef) -> Dataset:
 
 def build_key_image(
     volume: Volume,
-    detection: Detection,
-    number: int,
+    finding: Finding,
     source: Dataset,
     *,
     series: ResultSeries,
     model: ModelInfo,
 ) -> hd.sc.SCImage:
     """One SC image in the source study that references the CT slice it shows."""
-    ref = volume.slices[centre_slice_index(volume, detection.center_mm)]
+    detection, number = finding.detection, finding.number
+    ref = finding.slice
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=render(volume, detection, number),
+        pixel_array=render(volume, detection, finding.label),
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -140,10 +144,13 @@ def build_key_image(
     image.ReferencedImageSequence = [_reference(ref)]
     image.DerivationDescription = (
         f"Axial CT slice through nodule N{number} centre, lung window "
-        f"{LUNG_WINDOW_HU[0]:.0f}..{LUNG_WINDOW_HU[1]:.0f} HU, detection box and score burned in"
+        f"{LUNG_WINDOW_HU[0]:.0f}..{LUNG_WINDOW_HU[1]:.0f} HU, "
+        + ("box of the nodule the radiologist added burned in" if finding.added else
+           "detection box and score burned in")
     )
     image.BurnedInAnnotation = "YES"
     # Type 2C for a paired organ; the lung side is not judged here, so it is copied or left empty.
     image.Laterality = source.get("Laterality", "")
-    image.ImageComments = f"{label_text(number, detection)} (diameter, detection confidence)"
+    image.ImageComments = finding.label + (" (diameter; added by the radiologist)" if finding.added else
+                                           " (diameter, detection confidence)")
     return image

@@ -16,7 +16,8 @@ from pydicom.sr.codedict import codes
 from lungnode.inference.types import ModelInfo, Volume
 from lungnode.reports.result_series import ResultSeries
 from lungnode.reports.source_refs import Finding, slice_header
-from lungnode.reports.sr import observer_device
+from lungnode.reports.sr import observer_device, observer_person
+from lungnode.reports.verification import Verification
 
 TITLE = codes.DCM.OfInterest
 
@@ -32,6 +33,7 @@ def build_kos(
     seg: Dataset | None,
     key_images: list[Dataset],
     series: ResultSeries,
+    verification: Verification | None = None,
 ) -> hd.ko.KeyObjectSelectionDocument:
     if not findings:
         raise ValueError("a key object selection needs at least one finding")
@@ -41,11 +43,15 @@ def build_kos(
     content = hd.ko.KeyObjectSelection(
         document_title=TITLE,
         referenced_objects=[*slices, *results],
+        observer_person_context=observer_person(verification) if verification else None,
         observer_device_context=observer_device(model, series.manufacturer),
         description=(
-            f"{model.name} {model.version}: {len(findings)} nodule candidate(s), not reviewed. "
-            "CT slices through each centre (shown with the AI presentation state), the SR, "
-            f"the presentation state, {'the nodule masks, ' if seg is not None else ''}and the key images."
+            (f"{len(findings)} nodule(s) verified by a radiologist on review of results version "
+             f"{verification.reviewed_version}. " if verification else
+             f"{model.name} {model.version}: {len(findings)} nodule candidate(s), not reviewed. ")
+            + f"CT slices through each centre (shown with the {'' if verification else 'AI '}presentation "
+            f"state), the SR, the presentation state, {'the nodule masks, ' if seg is not None else ''}"
+            "and the key images."
         ),
     )
     # highdicom adds the references in the order given: the first IMAGE items are the CT slices.

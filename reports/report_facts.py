@@ -14,6 +14,7 @@ from pydicom import Dataset
 
 from lungnode.inference.types import DetectionResult, ModelInfo, Volume
 from lungnode.reports.key_images import centre_slice_index
+from lungnode.reports.verification import Verification
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class NoduleFacts:
     number: int
     center_mm: tuple[float, float, float]  # DICOM patient coordinates (LPS)
     diameter_mm: float
-    score: float
+    score: float | None  # the model's confidence; None for a nodule the radiologist added
     slice_sop_instance_uid: str
     slice_instance_number: int | None  # InstanceNumber of that slice, as the viewer shows it
     slice_frame_number: int | None  # set when the slice is a frame of a multi-frame instance
@@ -56,20 +57,39 @@ class ReportFacts:
     nodules: list[NoduleFacts]
     not_processed_reason: str | None
     created: datetime  # when these results were made (timezone-aware)
+    verification: Verification | None = None  # set for a version a radiologist verified
+
+    @property
+    def verifier(self) -> str:
+        """The verifying radiologist's name as people write it ("Lan Nguyen"); empty when not verified."""
+        if self.verification is None:
+            return ""
+        name = pydicom.valuerep.PersonName(self.verification.observer_name)
+        return " ".join(p for p in (name.name_prefix, name.given_name, name.middle_name, name.family_name,
+                                    name.name_suffix) if p)
 
     @property
     def summary(self) -> str:
-        """One line a RIS user reads first: the outcome and the model that produced it."""
+        """One line a RIS user reads first: the outcome and the model (or the radiologist) behind it."""
         if self.not_processed_reason is not None:
             return f"Not processed: {self.not_processed_reason}"
+        if self.verification is not None and not self.nodules:
+            return (f"No lung nodules on review by {self.verifier} of results version "
+                    f"{self.verification.reviewed_version}.")
+        if self.verification is not None:
+            added = sum(n.score is None for n in self.nodules)
+            return (f"{len(self.nodules)} lung nodule(s) verified by {self.verifier} on review of results version "
+                    f"{self.verification.reviewed_version}: {len(self.nodules) - added} detected by "
+                    f"{self.model.name} {self.model.version} and confirmed, {added} added by the radiologist.")
         found = f"{len(self.nodules)} lung nodule(s) detected" if self.nodules else "No lung nodules detected"
         return (f"{found} by {self.model.name} {self.model.version} (AI, research software: "
                 f"findings need review by a radiologist).")
 
 
 def report_facts(result: DetectionResult, volume: Volume | None, source: Dataset, version: int,
-                 created: datetime | None = None) -> ReportFacts:
-    """Collect the facts from a result, its volume (None when not processed) and a source CT header."""
+                 created: datetime | None = None, verification: Verification | None = None) -> ReportFacts:
+    """Collect the facts from a result, its volume (None when not processed) and a source CT header;
+    ``verification`` for a version a radiologist verified."""
     name = pydicom.valuerep.PersonName(source.get("PatientName", "") or "")
     patient = PatientFacts(
         id=str(source.get("PatientID", "") or ""), issuer=str(source.get("IssuerOfPatientID", "") or ""),
@@ -85,7 +105,8 @@ def report_facts(result: DetectionResult, volume: Volume | None, source: Dataset
             instance = pydicom.dcmread(ref.path, stop_before_pixels=True, specific_tags=["InstanceNumber"])
             nodules.append(NoduleFacts(
                 number=number, center_mm=tuple(float(c) for c in d.center_mm), diameter_mm=float(d.diameter_mm),
-                score=float(d.score), slice_sop_instance_uid=ref.sop_instance_uid,
+                score=None if verification and verification.is_added(number) else float(d.score),
+                slice_sop_instance_uid=ref.sop_instance_uid,
                 slice_instance_number=int(instance.InstanceNumber) if instance.get("InstanceNumber") else None,
                 slice_frame_number=ref.frame_number))
     return ReportFacts(
@@ -94,4 +115,4 @@ def report_facts(result: DetectionResult, volume: Volume | None, source: Dataset
         study_time=str(source.get("StudyTime", "") or ""),
         timezone_offset=str(source.get("TimezoneOffsetFromUTC", "") or ""), patient=patient, model=result.model,
         version=version, nodules=nodules, not_processed_reason=result.not_processed_reason,
-        created=created or datetime.now(timezone.utc))
+        created=created or datetime.now(timezone.utc), verification=verification)

@@ -32,9 +32,12 @@ class ResultSeries:
                 "institution_name": self.institution}
 
 
-def new_series(kind: str, version: int, manufacturer: str, institution: str | None) -> ResultSeries:
-    """A new series of ``kind`` for results ``version``."""
+def new_series(kind: str, version: int, manufacturer: str, institution: str | None,
+               verified: bool = False) -> ResultSeries:
+    """A new series of ``kind`` for results ``version`` ("lungnode AI nodules v1", or for a version a
+    radiologist verified "lungnode verified nodules v2")."""
     offset, label = SERIES[kind]
     return ResultSeries(instance_uid=hd.UID(), number=SERIES_NUMBER_BASE + 10 * version + offset,
-                        description=f"lungnode AI {label} v{version}", manufacturer=manufacturer,
+                        description=f"lungnode {'verified' if verified else 'AI'} {label} v{version}",
+                        manufacturer=manufacturer,
                         institution=institution)

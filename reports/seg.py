@@ -21,7 +21,9 @@ from pydicom.sr.codedict import codes
 
 from lungnode.inference.types import ModelInfo, Volume
 from lungnode.reports.result_series import ResultSeries
+from lungnode.reports.gsps import LAYER, VERIFIED_LAYER
 from lungnode.reports.source_refs import Finding, slice_header
+from lungnode.reports.verification import Verification
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ def build_seg(
     model: ModelInfo,
     *,
     series: ResultSeries,
+    verification: Verification | None = None,
 ) -> hd.seg.Segmentation | None:
     """One BINARY segment per finding; None (logged) for a multi-frame source."""
     if not findings:
@@ -54,8 +57,10 @@ def build_seg(
             segment_label=finding.tracking_id,
             segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
             segmented_property_type=codes.SCT.Nodule,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
+            # a nodule the radiologist added: marked by hand (centre and diameter), no algorithm
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL if finding.added
+            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=None if finding.added else algorithm,
             tracking_id=finding.tracking_id,
             tracking_uid=finding.tracking_uid,
         )
@@ -72,8 +77,9 @@ def build_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
         device_serial_number=model.sha256[:16],  # as the presentation state: the weights' hash
-        content_label="LUNGNODE_AI",
-        content_description=f"{len(findings)} AI nodule candidate(s), not reviewed",
+        content_label=VERIFIED_LAYER if verification else LAYER,
+        content_description=f"{len(findings)} nodule(s) verified by a radiologist" if verification
+        else f"{len(findings)} AI nodule candidate(s), not reviewed",
         omit_empty_frames=True,
         **series.attributes(model),
     )

@@ -38,6 +38,7 @@ class Finding:
     slice: SliceRef
     centre_px: tuple[float, float]
     radius_px: float
+    added: bool = False  # added by the radiologist on review (a verified version), not found by the model
 
     @property
     def tracking_id(self) -> str:
@@ -45,7 +46,7 @@ class Finding:
 
     @property
     def label(self) -> str:
-        return label_text(self.number, self.detection)
+        return label_text(self.number, self.detection, self.added)
 
     def circle(self, columns: int) -> np.ndarray:
         """CIRCLE graphic data [[centre], [point on the circle]]; the second point is taken on the side
@@ -55,8 +56,9 @@ class Finding:
         return np.array([[c, r], [edge, r]], dtype=np.float64)
 
 
-def findings_of(volume: Volume, detections: list[Detection]) -> list[Finding]:
-    """Number the detections N1, N2 ... in order and place each on the source slice through its centre."""
+def findings_of(volume: Volume, detections: list[Detection], added: frozenset[int] = frozenset()) -> list[Finding]:
+    """Number the detections N1, N2 ... in order and place each on the source slice through its centre;
+    ``added`` are the numbers of those the radiologist added (see verification.py)."""
     out = []
     for number, detection in enumerate(detections, start=1):
         i, j, _ = volume.world_to_index(detection.center_mm)
@@ -67,6 +69,7 @@ def findings_of(volume: Volume, detections: list[Detection]) -> list[Finding]:
             slice=volume.slices[centre_slice_index(volume, detection.center_mm)],
             centre_px=(float(i) + 0.5, float(j) + 0.5),
             radius_px=detection.diameter_mm / 2 / volume.spacing[0],
+            added=number in added,
         ))
     return out
 

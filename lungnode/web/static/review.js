@@ -1,6 +1,7 @@
 // The radiologist's review on the study page: confirm or reject each finding (with a reason), add the
 // nodules the model missed by clicking them on the slice, mark the review complete. Uses study.js's
-// `api`, `$`, `viewer`, `show` and `notice`.
+// `api`, `$`, `viewer`, `show` and `notice`. Once a verified version was made from the completed review,
+// the page shows its findings (study.js) and this asks for nothing more, until the review is reopened.
 "use strict";
 const REASONS = ["vessel", "airway", "scar", "outside_lung", "artefact", "other"];
 let review = null; // the /feedback answer shown
@@ -12,29 +13,52 @@ async function refreshReview() {
   if (JSON.stringify(answer) !== reviewShown) showReview(answer);
 }
 
+// The latest version was verified from this (complete) review: the rows are its findings, not the reviewed ones.
+function verifiedShown() {
+  return review && review.completion !== null && review.latest_version !== review.version;
+}
+
 function showReview(answer) {
   review = answer;
   reviewShown = JSON.stringify(answer);
+  const verified = verifiedShown();
   document.querySelectorAll("#findings tbody tr").forEach((row) => {
     const n = Number(row.dataset.nodule);
-    const v = review.verdicts.find((x) => x.finding === n);
+    const v = verified ? null : review.verdicts.find((x) => x.finding === n);
     row.dataset.verdict = v ? v.verdict : "";
-    row.querySelector("td.review").replaceChildren(...verdictCell(n, v));
+    row.querySelector("td.review").replaceChildren(...(verified ? [] : verdictCell(n, v)));
   });
-  $("added").querySelector("tbody").replaceChildren(...review.added.map(addedRow));
-  $("added").hidden = review.added.length === 0;
-  $("no-added").hidden = review.added.length > 0;
+  $("added").querySelector("tbody").replaceChildren(...(verified ? [] : review.added.map(addedRow)));
+  $("added").hidden = verified || review.added.length === 0;
+  $("no-added").hidden = verified || review.added.length > 0;
+  $("added-title").hidden = verified;
   const c = review.counts;
   const started = c.complete || c.confirmed + c.rejected + c.added > 0;
   const state = $("review-state");
-  state.dataset.review = c.complete ? "complete" : started ? "started" : "none";
+  state.dataset.review = verified ? "verified" : c.complete ? "complete" : started ? "started" : "none";
   state.textContent = reviewText(started ? c : null) + (review.completion
     ? ` · ${t("by", { user: review.completion.completed_by, when: when(review.completion.completed_at) })}` : "");
   $("complete-review").hidden = !review.can_write || c.complete;
   $("reopen-review").hidden = !review.can_write || !c.complete;
   $("read-only").hidden = review.can_write;
-  $("add-bar").hidden = !review.can_write;
+  $("add-bar").hidden = !review.can_write || verified;
+  const note = verifiedNote();
+  $("verified-state").textContent = note;
+  $("verified-state").hidden = !note;
   if (viewer) show(Number($("slider").value)); // the added nodules' marks
+}
+
+// What becomes of the verdict: sent as a verified version or not, and how far that got.
+function verifiedNote() {
+  const job = review.verification;
+  if (!review.send_verified) return review.can_write ? L.verified_off : "";
+  if (!review.completion) {
+    return review.latest_version !== review.version ? t("verified_reopened", { version: review.latest_version })
+      : review.can_write ? L.verified_on : "";
+  }
+  if (job && job.state === "pending") return L.verified_pending;
+  if (job && job.state === "dropped") return t("verified_dropped", { reason: job.reason });
+  return "";
 }
 
 function button(label, cls, fn) {
@@ -78,7 +102,7 @@ function addedRow(a) {
 
 // The added nodules drawn on slice k: an ellipse of their diameter on the slices their sphere crosses.
 function addedMarks(k) {
-  if (!review || !viewer) return [];
+  if (!review || !viewer || verifiedShown()) return []; // a verified version's added nodules are its findings
   const [sx, sy, sz] = viewer.spacing_mm;
   return review.added.filter((a) => Math.abs(a.click.slice - k) * sz <= a.diameter_mm / 2).flatMap((a) => {
     const { slice, column_px: x, row_px: y } = a.click;

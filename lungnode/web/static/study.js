@@ -20,6 +20,8 @@ function renderHead(s) {
     ...fact("status", el("span", {}, stateBadge(s), pendingBadge(s))),
     ...fact("findings", s.state === "not_processed" ? null : s.findings), ...fact("model", s.model),
     ...fact("version", s.version || null),
+    ...fact("verified", s.verified ? `${t("verified_by", { user: s.verified.user, when: when(s.verified.completed_at) })} · `
+      + t("verified_from", { version: s.verified.version, reviewed: s.verified.reviewed_version }) : null),
     ...fact("processing_time", s.seconds ? `${s.seconds.toFixed(1)} s` : null));
   const reason = $("reason");
   reason.hidden = !(s.reason && (s.state === "not_processed" || s.state === "failed"));
@@ -43,12 +45,13 @@ function renderDeliveries(s) {
 
 function renderFindings(s) {
   const detections = s.result ? s.result.detections : [];
+  const added = s.added_by_radiologist; // a verified version: these have no model score
   $("findings").querySelector("tbody").replaceChildren(...detections.map((d, i) =>
     el("tr", { class: "link", "data-nodule": i + 1, onclick: () => goTo(i + 1) },
       el("td", {}, el("strong", {}, `N${i + 1}`)),
       el("td", { class: "nowrap" }, d.center_mm.map((v) => v.toFixed(1)).join(", ")),
       el("td", { class: "num" }, `${d.diameter_mm.toFixed(1)} mm`),
-      el("td", { class: "num" }, d.score.toFixed(2)),
+      el("td", { class: "num score" }, added.includes(i + 1) ? L.added_by_radiologist : d.score.toFixed(2)),
       el("td", { class: "num slice-no" }, ""),
       el("td", { class: "review" }))));
   $("findings").hidden = detections.length === 0;
@@ -120,10 +123,10 @@ async function refresh() {
   const s = await getJSON(api);
   renderHead(s);
   renderDeliveries(s);
-  if (s.version !== shownVersion) {
+  if (s.shown_version !== shownVersion) {
     renderFindings(s);
     await loadViewer(s);
-    shownVersion = s.version;
+    shownVersion = s.shown_version;
     reviewShown = ""; // the rows are new: draw the review into them again
   }
   await refreshReview();

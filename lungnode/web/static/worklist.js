@@ -19,8 +19,11 @@ function studyRow(s) {
     el("td", { class: "nowrap" }, when(s.first_received)),
     el("td", { class: "status" }, stateBadge(s), pendingBadge(s), why),
     el("td", { class: "num findings" }, s.state === "not_processed" ? "–" : s.findings ?? ""),
-    el("td", { class: "review", "data-review": s.review ? (s.review.complete ? "complete" : "started") : "none" },
-       s.state === "done" || s.review ? reviewText(s.review) : ""),
+    s.verified
+      ? el("td", { class: "review", "data-review": "verified" },
+           t("verified_by", { user: s.verified.user, when: when(s.verified.completed_at) }))
+      : el("td", { class: "review", "data-review": s.review ? (s.review.complete ? "complete" : "started") : "none" },
+           s.state === "done" || s.review ? reviewText(s.review) : ""),
     el("td", { class: "model" }, s.model || ""));
 }
 
