@@ -384,7 +384,7 @@ def generate_inserted_dataset(sources: Sequence[InsertionSource], out_dir: Path,
         avoid = [(c, d / 2) for c, d in known] + [(tuple(b[:3]), max(b[3:6]) / 2) for b in source.negative_box]
         s = phantom_seed(seed, idx)
         hu, specs = insert_nodules(volume, s, avoid=avoid, lungs=lungs, nodule_model=nodule_model)
-        name = f"inserted_{idx:05d}"
+        name = f"inserted_{seed}_{idx:05d}"  # the seed keeps copies of several runs apart when mined together
         if fmt == "nifti":
             target = write_nifti_image(np.rint(hu).astype(np.int16), volume.spacing, volume.origin, volume.direction,
                                        out_dir / "images" / f"{name}.nii.gz")

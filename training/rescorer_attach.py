@@ -55,8 +55,9 @@ def export_classifier(net: CandidateClassifier, path: Path, patch_size) -> float
     return max(float(np.abs(o - t.numpy()).max()) for o, t in zip(ort_out, torch_out))
 
 
-def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan], threshold: float):
-    """(best weight, its EvalOutcome, CPM per weight) on ``scans``; one detector pass per scan."""
+def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan], threshold: float,
+                  weights: tuple[float, ...] = WEIGHTS):
+    """(best of ``weights``, its EvalOutcome, CPM per weight) on ``scans``; one detector pass per scan."""
     per_scan = []
     for scan in tqdm(scans, desc="rescore", unit="scan", dynamic_ncols=True):
         loaded = scan.load()
@@ -65,7 +66,7 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
         verdict = rescorer.rescore(found.prepared.image.numpy(), found.boxes)
         per_scan.append((scan, loaded, found, verdict, time.perf_counter() - started))
     cpms, outcomes = {}, {}
-    for w in WEIGHTS:
+    for w in weights:
         results = []
         for scan, loaded, found, verdict, seconds in per_scan:
             # w = 0 is the detector alone, as `train eval` scores it: every candidate down to the floor
@@ -77,7 +78,7 @@ def choose_weight(detector: Detector, rescorer: Rescorer, scans: list[EvalScan],
                              [a for r in results for a in r.excluded], [s.series_uid for s in scans], bootstraps=0)
         cpms[w], outcomes[w] = froc.cpm, EvalOutcome(froc, results, threshold)
         print(f"weight {w:.2f}: CPM {froc.cpm:.4f}")
-    best = max(WEIGHTS, key=lambda w: (round(cpms[w], 9), -w))
+    best = max(weights, key=lambda w: (round(cpms[w], 9), -w))
     return best, outcomes[best], cpms
 
 
@@ -102,13 +103,15 @@ def tuning_scans(ckpt: dict, eval_seeds: tuple[int, int], tuning, tune_datalist:
 
 def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tuple[int, int],
            max_fp_per_scan: float | None, tuning=None, views: int | None = None, recentre_mm: float = RECENTRE_MM,
-           tune_datalist: Path | None = None, tune_section: str = "validation") -> Path:
+           tune_datalist: Path | None = None, tune_section: str = "validation", threshold: float | None = None) -> Path:
     """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own;
     ``views``: copies of each patch the classifier reads (inference/rescoring.py; default: the model's
     second stage's, else 1); ``recentre_mm``: the furthest a classifier with a centre head moves a
-    candidate; ``tune_datalist``: real scans that choose the weight and threshold instead of phantoms.
-    A model that has a second stage gets the new classifier in its place (e.g. its own, fine-tuned on
-    a site's reviewed scans); its first stage must be the one the candidates were mined with."""
+    candidate; ``tune_datalist``: real scans that choose the weight and threshold instead of phantoms;
+    ``threshold``: a score threshold chosen elsewhere (e.g. by leaving one scan out), the tuning scans then
+    only giving the card's figures at it. A model that has a second stage gets the new classifier in its
+    place (e.g. its own, fine-tuned on a site's reviewed scans) with its fusion weight kept; its first
+    stage must be the one the candidates were mined with."""
     first = load_model(model)
     replaced = first.card.second_stage
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -166,8 +169,12 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
     card_path.write_text(card.model_dump_json(indent=2))
     spec = load_model(str(card_path))
     detector = Detector(spec)
-    weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold)
-    print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on {tuned_on}; the detector alone: {cpms[0.0]:.4f})")
+    if threshold is not None:
+        card.inference.score_threshold, max_fp_per_scan = threshold, None
+    weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold,
+                                          (replaced.weight,) if replaced else WEIGHTS)
+    print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on {tuned_on}"
+          + (f"; the detector alone: {cpms[0.0]:.4f})" if 0.0 in cpms else ", kept from the replaced second stage)"))
     card.second_stage.weight = weight
     card.second_stage.metrics.update({f"weight_selection_cpm_w{w:g}": round(c, 4) for w, c in cpms.items()})
     real = mining.get("real_series", [])
@@ -184,7 +191,7 @@ def attach(model: str, checkpoint: Path, out: Path, version: str, eval_seeds: tu
 
 def _run(args: argparse.Namespace) -> int:
     attach(args.model, args.checkpoint, args.out, args.version, tuple(args.eval_seeds), args.max_fp_per_scan,
-           shape_settings(args), args.views, args.recentre_mm, args.tune_datalist, args.tune_section)
+           shape_settings(args), args.views, args.recentre_mm, args.tune_datalist, args.tune_section, args.threshold)
     return 0
 
 
@@ -204,6 +211,8 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="choose the fusion weight and threshold on these real scans (e.g. reviewed studies the "
                         "classifier never learned from) instead of the --eval-seeds phantoms")
     p.add_argument("--tune-section", default="validation", help="the --tune-datalist section (default: validation)")
+    p.add_argument("--threshold", type=float,
+                   help="a score threshold chosen elsewhere (say how in the card), instead of --max-fp-per-scan")
     p.add_argument("--views", type=int, choices=VIEWS,
                    help="copies of each candidate's patch the classifier reads, its logits averaged: 1 as cut, "
                         "8 mirrored along every axis, 16 also turned in-plane (default: the replaced second "
