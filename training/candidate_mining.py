@@ -30,6 +30,7 @@ from lungnode.training.eval_sets import EvalScan
 from lungnode.training.synth import ATTACHMENTS, add_shape_arguments
 
 KIND_CANDIDATE, KIND_REFERENCE, KIND_NEGATIVE = 0, 1, 2  # a detector candidate, a nodule's patch, a rejected finding
+PATCH_SIZE = (32, 32, 24)  # the classifier's input, model voxels
 
 
 def mine_scan(detector: Detector, scan: EvalScan, patch_size, margin: int, floor: float, per_scan: int) -> dict:
@@ -127,19 +128,22 @@ def _run(args: argparse.Namespace) -> int:
     if not scans:
         raise SystemExit("nothing to mine: give --phantoms FIRST LAST and/or --datalist PATH")
     mine(args.model, scans, args.out, tuple(args.patch_size), args.margin, args.floor, args.per_scan)
-    record = json.loads((args.out / "mining.json").read_text())
-    record["sources"] = {"phantoms": args.phantoms, "nodules": args.nodules, "diameters_mm": args.diameters,
-                         "attachments": args.attachments,
-                         "nodule_shapes": None if args.nodule_shapes is None else
-                         {"library": str(args.nodule_shapes), "split": args.shape_split,
-                          "fraction": args.real_shape_fraction},
-                         "datalists": [str(d) for d in args.datalist or []]}
-    # the real series behind the datalists' scans (an inserted copy names its source): the model card lists them
-    record["real_series"] = sorted({item.get("source_series") or item.get("series_uid")
-                                    for d in args.datalist or [] for item in json.loads(Path(d).read_text()).get(args.section, [])
-                                    if item.get("source_series") or item.get("series_uid")})
-    (args.out / "mining.json").write_text(json.dumps(record, indent=2))
+    record_sources(args.out, args.datalist or [], args.section, phantoms=args.phantoms, nodules=args.nodules,
+                   diameters_mm=args.diameters, attachments=args.attachments,
+                   nodule_shapes=None if args.nodule_shapes is None else
+                   {"library": str(args.nodule_shapes), "split": args.shape_split, "fraction": args.real_shape_fraction})
     return 0
+
+
+def record_sources(out: Path, datalists: list[Path], section: str, **sources) -> None:
+    """Add to ``OUT/mining.json`` what was mined (``sources``: the phantom settings) and the real series
+    behind the datalists' scans (an inserted copy names its source): the model card lists them."""
+    record = json.loads((out / "mining.json").read_text())
+    record["sources"] = {**sources, "datalists": [str(d) for d in datalists]}
+    record["real_series"] = sorted({item.get("source_series") or item.get("series_uid")
+                                    for d in datalists for item in json.loads(Path(d).read_text()).get(section, [])
+                                    if item.get("source_series") or item.get("series_uid")})
+    (out / "mining.json").write_text(json.dumps(record, indent=2))
 
 
 def add_command(tsub: argparse._SubParsersAction) -> None:
@@ -157,7 +161,7 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--section", default="training", help="datalist section (default: training)")
     add_shape_arguments(p)  # phantoms whose nodules have real outlines (the training patients')
     p.add_argument("--out", type=Path, required=True, help="runs/NAME")
-    p.add_argument("--patch-size", type=int, nargs=3, default=(32, 32, 24), help="classifier input, model voxels")
+    p.add_argument("--patch-size", type=int, nargs=3, default=PATCH_SIZE, help="classifier input, model voxels")
     p.add_argument("--margin", type=int, default=3, help="extra voxels a side for shift augmentation")
     p.add_argument("--floor", type=float, default=0.05, help="lowest detector score kept")
     p.add_argument("--per-scan", type=int, default=40, help="most candidates kept per scan (highest scores)")

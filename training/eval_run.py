@@ -155,28 +155,37 @@ def scan_table(rows: list[ScanRow], threshold: float) -> str:
     return "\n".join(lines)
 
 
+def evaluate_and_report(detector: Detector, scans: list[EvalScan], described: str, name: str, out: Path,
+                        bootstraps: int = 1000) -> dict:
+    """Evaluate on ``scans``, print the tables and write ``out``'s report, plot, candidates and
+    metrics.json; returns the metrics (prefixed ``name``)."""
+    spec = detector.spec
+    outcome = evaluate(detector, scans, bootstraps=bootstraps)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threshold = spec.card.inference.score_threshold
+    print(f"\n{spec.info.name} {spec.info.version} on {name}: {described}")
+    print(scan_table(outcome.rows, threshold))
+    report = [f"# {spec.info.name} {spec.info.version} on {name}", "", described, "", "```",
+              scan_table(outcome.rows, threshold), "```"]
+    if outcome.froc is not None:
+        print("\nLUNA16 FROC (all candidates):\n" + size_table(outcome.froc))
+        plot_froc(outcome.froc, out / "froc.png", title=f"{spec.info.name} on {name}")
+        report += ["", markdown_table(outcome.froc), "", "![FROC](froc.png)"]
+        print(f"FROC plot: {out / 'froc.png'}")
+    save_candidates_csv(outcome.candidates, out / "candidates.csv")
+    metrics = {f"{name}_set": described, **outcome.metrics(name)}  # which scans (and generator) they are
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    return metrics
+
+
 def _run(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     detector = Detector(spec, backend=args.backend, provider=args.onnx_provider, precision=args.onnx_precision,
                         device=args.torch_device)
     scans, described = eval_sets.from_arguments(args)
-    outcome = evaluate(detector, scans, bootstraps=args.bootstraps)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    threshold = spec.card.inference.score_threshold
-    print(f"\n{spec.info.name} {spec.info.version} on {args.name}: {described}")
-    print(scan_table(outcome.rows, threshold))
-    report = [f"# {spec.info.name} {spec.info.version} on {args.name}", "", described, "", "```",
-              scan_table(outcome.rows, threshold), "```"]
-    if outcome.froc is not None:
-        print("\nLUNA16 FROC (all candidates):\n" + size_table(outcome.froc))
-        plot_froc(outcome.froc, out / "froc.png", title=f"{spec.info.name} on {args.name}")
-        report += ["", markdown_table(outcome.froc), "", "![FROC](froc.png)"]
-        print(f"FROC plot: {out / 'froc.png'}")
-    save_candidates_csv(outcome.candidates, out / "candidates.csv")
-    metrics = {f"{args.name}_set": described, **outcome.metrics(args.name)}  # which scans (and generator) they are
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "report.md").write_text("\n".join(report) + "\n")
+    metrics = evaluate_and_report(detector, scans, described, args.name, args.out, args.bootstraps)
     if args.update_card:
         card_path = spec.onnx_path.with_suffix(".json")
         card = json.loads(card_path.read_text())
@@ -184,7 +193,7 @@ def _run(args: argparse.Namespace) -> int:
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         rewrite_card_markdown(card_path)
         print(f"metrics written into {card_path} and {card_path.with_suffix('.md')}")
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 

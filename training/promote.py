@@ -80,27 +80,33 @@ def install(spec: ModelSpec, models_dir: Path) -> None:
             shutil.copy2(f, models_dir / f.name)
 
 
-def _run(args: argparse.Namespace) -> int:
-    registry = Registry.load(args.models_dir, DEFAULT_MODEL)
+def promote(candidate: Path, against: str | None = None, models_dir: Path = MODELS_DIR) -> int:
+    """Decide on the registered reference set, install and record; prints the verdict. Returns the exit
+    status: 0 promoted, 1 refused, 2 no usable reference set."""
+    registry = Registry.load(models_dir, DEFAULT_MODEL)
     try:
         reference, scans = checked_scans(registry)
     except ReferenceSetError as e:
         print(f"lungnode train promote: {e}", file=sys.stderr)
         return 2
-    candidate = load_model(str(args.candidate))
-    current = load_installed(args.against or registry.default, args.models_dir)
+    spec = load_model(str(candidate))
+    current = load_installed(against or registry.default, models_dir)
     try:
-        decision = decide(candidate, current, scans, reference)
+        decision = decide(spec, current, scans, reference)
     except ValueError as e:  # no nodule in the set
         print(f"lungnode train promote: the reference set cannot rank two models: {e}", file=sys.stderr)
         return 2
     if decision.accepted:
-        install(candidate, args.models_dir)
+        install(spec, models_dir)
         registry.default = decision.candidate
     registry.history.append(decision.record())
-    registry.save(args.models_dir)
+    registry.save(models_dir)
     print(decision.reason)
     return 0 if decision.accepted else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    return promote(args.candidate, args.against, args.models_dir)
 
 
 def add_command(tsub: argparse._SubParsersAction) -> None:

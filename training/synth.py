@@ -1083,12 +1083,17 @@ def summarize(datalist: Path, what: str = "phantoms") -> str:
     ])
 
 
-def _cmd_synth(args: argparse.Namespace) -> int:
-    model = None
-    if args.nodule_shapes:
-        from lungnode.training.lidc_shapes import library_split
+def shape_model(library: Path | None, split: str, fraction: float) -> NoduleModel | None:
+    """The nodule model with real outlines from a `train shapes` library (None: the generator's own shapes)."""
+    if not library:
+        return None
+    from lungnode.training.lidc_shapes import library_split
 
-        model = library_split(args.nodule_shapes, args.shape_split).field_model(args.real_shape_fraction)
+    return library_split(library, split).field_model(fraction)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    model = shape_model(args.nodule_shapes, args.shape_split, args.real_shape_fraction)
     if args.insert_into or args.insert_into_datalist:
         from lungnode.training.insertion import generate_inserted_dataset, sources_from_datalist, sources_from_series
 
