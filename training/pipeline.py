@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from lungnode.models.registry import default_model_name, load_model
 from lungnode.training.pipeline_config import STEP_SECTIONS, PipelineConfig, load_config
-from lungnode.training.pipeline_steps import FOLDERS, RESUMABLE, STEPS, Outputs, Run, StepError, training_items
+from lungnode.training.pipeline_steps import (FOLDERS, RESUMABLE, STEPS, Outputs, Run, StepError, registry,
+                                              training_items)
 
+STEPS_ORDER = list(STEPS)
 Status = Literal["pending", "running", "done", "skipped", "failed"]
 COPY_S = 15.0  # an inserted copy (load, lung mask, insertion, write) until this machine has made one
 SCAN_S = 30.0  # a detector pass over a scan when the base model's card gives none
@@ -161,7 +163,8 @@ def _time_detector_step(cfg: PipelineConfig) -> float:
 def expected_seconds(step: str, run: Run, speeds: Speeds) -> float:
     """What a step should take here, from the sizes known so far (the datalists once imported)."""
     cfg = run.cfg
-    items = training_items(run.datalists()) if "import" in run.outputs else len(cfg.datalists)
+    items = training_items(run.datalists() if "import" in run.outputs else [d for d in cfg.datalists if d.is_file()])
+    reference = _reference_size()
     tuning = (_section_size(cfg.operating_point.tune_datalist, cfg.operating_point.tune_section)
               if cfg.operating_point.tune_datalist else cfg.operating_point.eval_seeds[1] - cfg.operating_point.eval_seeds[0] + 1)
     if step == "import":
@@ -178,8 +181,23 @@ def expected_seconds(step: str, run: Run, speeds: Speeds) -> float:
     if step == "attach":
         return tuning * speeds.scan * 1.5 + 10  # and the classifier's reading of the candidates
     if step == "eval":
-        return sum(_eval_size(s) for s in cfg.eval) * speeds.scan
-    return 0.0  # promote: the reference set's size is known once it is built
+        return (reference + sum(_eval_size(s) for s in cfg.eval)) * speeds.scan
+    return 2 * reference * speeds.scan if cfg.promote else 0.0  # both models on the reference set
+
+
+def _reference_size() -> int:
+    """Scans of the registered reference set (0 when none is, or it has LUNA16 series, counted when built)."""
+    from lungnode.training.eval_sets import add_arguments
+
+    reference = registry().reference_set
+    if reference is None:
+        return 0
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args(reference.arguments)
+    if args.phantoms:
+        return sum(last - first + 1 for first, last in args.phantoms)
+    return _section_size(args.datalist, args.section) if args.datalist else 0
 
 
 def _section_size(datalist: Path, section: str) -> int:
@@ -277,6 +295,7 @@ class Pipeline:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state.save(self.state_path)
         print(f"lungnode train pipeline: {self.cfg.name} in {self.folder}, base model {self.state.base_model}")
+        self.state.cpu = cpu_description()  # this run's machine: the estimate is for it
         print(f"CPU: {self.state.cpu}")
         speeds = Speeds.measure(self.cfg, self.state.base_model)
         estimates = {s: expected_seconds(s, self.run, speeds) for s in todo}
@@ -285,10 +304,12 @@ class Pipeline:
 
         def measured(what: str, seconds: float) -> None:
             speeds.scan = seconds
-            for s in todo[todo.index(step) + 1:]:
+            for s in todo[todo.index(step):]:
                 estimates[s] = expected_seconds(s, self.run, speeds)
-            tqdm.write(f"a scan takes {seconds:.1f} s here: {duration(sum(estimates[s] for s in todo[todo.index(step):]))} "
-                       "left, about")
+            left = sum(estimates[s] for s in todo[todo.index(step):])
+            bar.total = max(1.0, done + left)
+            bar.refresh()
+            tqdm.write(f"the first scan was mined in {seconds:.1f} s: about {duration(left)} left")
 
         self.run.measured = measured
         done = 0.0
@@ -314,7 +335,7 @@ class Pipeline:
     def _run_step(self, step: str, estimate: float) -> StepRecord:
         name = FOLDERS[step]
         work = self.folder / f"{name}.tmp" if name else self.folder
-        if name and step not in RESUMABLE:
+        if name and not (step in RESUMABLE and self.state.steps[step].status in ("running", "failed")):
             shutil.rmtree(work, ignore_errors=True)  # a half-made output is made again from scratch
         work.mkdir(parents=True, exist_ok=True)
         record = StepRecord(status="running", started=_now(), estimate_s=round(estimate, 1))
@@ -363,8 +384,6 @@ class Pipeline:
                  f"{'total':<23}{total:>8.0f}  ({duration(total)}); record: {self.state_path}"]
         return "\n".join(lines)
 
-
-STEPS_ORDER = list(STEPS)
 
 
 def _moved(value: str | list[str], work: Path, final: Path) -> str | list[str]:
