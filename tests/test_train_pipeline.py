@@ -136,3 +136,20 @@ def test_the_second_stage_is_fine_tuned_from_the_base_models_own(site, tmp_path,
     assert spec.card.second_stage.onnx_sha256 != base.card.second_stage.onnx_sha256  # replaced
     assert "second stage fine-tuned" in spec.card.description
     assert np.isfinite(spec.card.metrics["score_threshold"])
+
+
+def test_a_fine_tuned_detector_gets_its_own_candidates_mined_and_a_second_stage_for_them(site, tmp_path):
+    base = load_model(ONE_STAGE)
+    train = {**base.card.training.config, "train_seeds": None, "datalists": [], "iterations": 2, "batch_size": 1,
+             "workers": 0, "cache_dir": str(tmp_path / "cache"), "warmup_iterations": 1, "checkpoint_every": 1}
+    (tmp_path / "train_tiny.yaml").write_text(yaml.safe_dump(train))
+    config = write_config(tmp_path, site, fit={"enabled": True, "config": str(tmp_path / "train_tiny.yaml")},
+                          operating_point={"eval_seeds": [900045, 900045]})
+    assert run_pipeline(config) == 0
+    steps = state(config)["steps"]
+    detector = load_model(steps["fit"]["outputs"]["model"])  # the fine-tuned detector, retuned
+    assert detector.info.sha256 != base.info.sha256
+    mining = json.loads((Path(steps["candidates"]["outputs"]["candidates"]) / "mining.json").read_text())
+    assert mining["model_sha256"] == detector.info.sha256  # its own candidates
+    model = load_model(steps["attach"]["outputs"]["model"])
+    assert model.info.sha256 == detector.info.sha256 and model.card.second_stage is not None

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel
 from tqdm import tqdm
 
@@ -87,7 +88,8 @@ def duration(seconds: float) -> str:
 
 @dataclass
 class Speeds:
-    """Seconds per unit of work on this machine: measured at the start, then from the steps done."""
+    """Seconds per unit of work on this machine: the training steps timed at the start, a scan from the
+    first one mined (then from the whole mining); an inserted copy is a prior."""
 
     scan: float  # a detector pass over one scan (mining, tuning, evaluation)
     copy: float  # one scan with inserted nodules
@@ -99,8 +101,6 @@ class Speeds:
         """The second stage's and the detector's training steps timed here (a few seconds); a scan from the
         base model's card until the first one is mined here."""
         from lungnode.training.rescorer_fit import RescorerConfig
-
-        import yaml
 
         rescorer = RescorerConfig.model_validate(yaml.safe_load(Path(cfg.second_stage.config).read_text()))
         spec = load_model(base)
@@ -209,8 +209,6 @@ def _eval_size(s) -> int:
 
 
 def _rescorer_iterations(cfg: PipelineConfig) -> int:
-    import yaml
-
     return cfg.second_stage.iterations or int(yaml.safe_load(Path(cfg.second_stage.config).read_text())["iterations"])
 
 
@@ -363,16 +361,9 @@ class Pipeline:
         return record
 
     def _learn(self, step: str, record: StepRecord, speeds: Speeds) -> None:
-        """This machine's speed from a finished step, for the estimates of the next ones."""
-        if record.status != "done" or not record.seconds:
-            return
-        if step == "synth":
-            speeds.copy = record.seconds / self.cfg.synth.copies
-        elif step == "second-stage":
-            speeds.rescorer_iteration = (record.seconds - 10) / _rescorer_iterations(self.cfg)
-        elif step == "candidates":
-            scans = training_items(self.run.training_datalists())
-            speeds.scan = record.seconds / 1.2 / max(1, scans)
+        """A scan's detector pass as the whole mining took it, for the tuning and evaluation still to come."""
+        if step == "candidates" and record.status == "done" and record.seconds:
+            speeds.scan = record.seconds / 1.2 / max(1, training_items(self.run.training_datalists()))
 
     def summary(self) -> str:
         rows = [(s, r.status, f"{r.seconds:.0f}" if r.seconds is not None else "-",
