@@ -50,7 +50,8 @@ class CandidateSettings(_Section):
 
 
 class SecondStageSettings(_Section):
-    """The classifier's fine-tune from the base model's second stage (`train fit-rescorer`)."""
+    """The classifier's fine-tune from the base model's second stage, whatever the config's init_weights says
+    (`train fit-rescorer`; from scratch when the base model has none)."""
 
     config: Path = Path("configs/rescorer_site.yaml")
     iterations: int | None = None  # None: the config's

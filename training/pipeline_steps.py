@@ -172,11 +172,10 @@ def second_stage(run: Run, work: Path) -> Outcome:
     if base.card.second_stage is not None and base.second_stage_state_dict_path is None:
         raise StepError(f"{base.info.name}'s second stage has no PyTorch weights ({base.card.second_stage.state_dict_file}) "
                         "to start from: restore the file beside its card")
-    init = base.second_stage_state_dict_path or cfg.init_weights
+    init = base.second_stage_state_dict_path  # the config's init_weights is for its own recipe, not this base
     cfg = cfg.model_copy(update={"init_weights": init, "iterations": s.iterations or cfg.iterations})
     fit_rescorer(cfg, [Path(run.outputs["candidates"]["candidates"])], work, run.command("second-stage"))
-    start = (f"from {base.info.name}'s second stage" if base.second_stage_state_dict_path
-             else f"from {init}" if init else f"from scratch ({base.info.name} has no second stage)")
+    start = f"from {base.info.name}'s second stage" if init else f"from scratch ({base.info.name} has no second stage)"
     return Outcome({"checkpoint": str(work / "checkpoint.pt")}, f"{cfg.iterations} iterations {start}")
 
 
