@@ -15,7 +15,7 @@ from lungnode.models.registry import (
     DEFAULT_MODEL, MODELS_DIR, ModelCard, ModelIntegrityError, ModelNotFoundError, load_installed,
 )
 from lungnode.models.registry_file import (
-    REGISTRY_FILE, PromotionRecord, ReferenceRecord, Registry, RollbackRecord, now,
+    REGISTRY_FILE, OperatingPointRecord, PromotionRecord, ReferenceRecord, Registry, RollbackRecord, now,
 )
 
 DESCRIPTION_WIDTH = 60
@@ -75,6 +75,9 @@ def history_lines(registry: Registry) -> list[str]:
             now_or_before = "current" if reference and e.digest == reference.digest else "earlier"
             why = f" ({e.reason})" if e.reason else ""
             lines.append(f"{e.at}  reference {now_or_before} set {e.digest[:12]}: {e.description}{why}")
+        elif isinstance(e, OperatingPointRecord):
+            lines.append(f"{e.at}  operating point {e.candidate} (threshold {e.threshold:g}) for {e.current} "
+                         f"({e.current_threshold:g}), chosen on {len(e.tune_scans)} real series")
         elif isinstance(e, RollbackRecord):
             lines.append(f"{e.at}  rollback {e.previous} -> {e.default}: {e.reason}")
     return lines

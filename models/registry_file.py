@@ -61,6 +61,20 @@ class ReferenceRecord(BaseModel):
     at: str
 
 
+class OperatingPointRecord(BaseModel):
+    """The default's networks at another score threshold, chosen on named real scans for a false-mark
+    budget: the ranking (so the CPM) is the same, so no reference-set comparison can judge it."""
+
+    event: Literal["operating-point"] = "operating-point"
+    candidate: str
+    current: str
+    threshold: float
+    current_threshold: float
+    tune_scans: list[str]  # the real series it was chosen on
+    figures: dict[str, float | int | str]  # the candidate card's figures there, at its threshold
+    at: str
+
+
 class RollbackRecord(BaseModel):
     event: Literal["rollback"] = "rollback"
     previous: str  # the default until then
@@ -76,7 +90,7 @@ def _event(entry: Any) -> str:
 
 HistoryEntry = Annotated[
     Union[Annotated[PromotionRecord, Tag("promotion")], Annotated[ReferenceRecord, Tag("reference")],
-          Annotated[RollbackRecord, Tag("rollback")]],
+          Annotated[OperatingPointRecord, Tag("operating-point")], Annotated[RollbackRecord, Tag("rollback")]],
     Discriminator(_event),
 ]
 
@@ -103,7 +117,7 @@ class Registry(BaseModel):
         """The model the current default was promoted over (the latest accepted promotion to it). A
         rollback is no link of its own: rolling back twice goes two promotions back."""
         for entry in reversed(self.history):
-            if (isinstance(entry, PromotionRecord) and entry.accepted and entry.candidate == self.default
-                    and entry.current != self.default):
+            accepted = isinstance(entry, OperatingPointRecord) or (isinstance(entry, PromotionRecord) and entry.accepted)
+            if accepted and entry.candidate == self.default and entry.current != self.default:
                 return entry.current
         return None

@@ -11,7 +11,7 @@ import pytest
 from lungnode.cli import main
 from lungnode.models.registry import MODELS_DIR, REGISTRY_FILE
 from lungnode.models.registry_file import (
-    PromotionRecord, ReferenceRecord, Registry, RollbackRecord,
+    OperatingPointRecord, PromotionRecord, ReferenceRecord, Registry, RollbackRecord,
 )
 from lungnode.training.froc import Annotation, Candidate, PairedComparison, paired_cpm_difference
 from lungnode.training.reference_set import source_sha256
@@ -180,18 +180,45 @@ def test_a_series_folder_digest_follows_its_files(tmp_path):
 
 def test_promotion_refuses_a_model_equal_to_the_default(tmp_path, capsys):
     folder = _registry_dir(tmp_path, default=V1)
-    assert main(["train", "reference", "--phantoms", HELD_OUT[0], HELD_OUT[1], "--models-dir", str(folder)]) == 0
-    digest = _registry(folder).reference_set.digest
-    capsys.readouterr()
+    history = len(_registry(folder).history)
     assert main(["train", "promote", str(MODELS_DIR / f"{V1}.json"), "--models-dir", str(folder)]) == 1
-    out = capsys.readouterr().out
-    assert "difference +0.0000, 95% CI +0.0000 to +0.0000" in out and "refused" in out
+    assert "nothing to promote" in capsys.readouterr().err
+    assert len(_registry(folder).history) == history and _registry(folder).default == V1
+
+
+def _at_threshold(tmp_path: Path, threshold: float, tune_scans: list[str]) -> Path:
+    """V1's networks at another score threshold, as `train retune --max-fp-per-scan` writes them."""
+    out = tmp_path / "candidate"
+    out.mkdir()
+    card = json.loads((MODELS_DIR / f"{V1}.json").read_text())
+    for key, suffix in (("onnx_file", ".onnx"), ("state_dict_file", ".pt")):
+        shutil.copy(MODELS_DIR / card[key], out / f"v1-op{suffix}")
+        card[key] = f"v1-op{suffix}"
+    card["name"], card["inference"]["score_threshold"], card["data"]["tune_scans"] = "v1-op", threshold, tune_scans
+    card["metrics"] = {"score_threshold": threshold, "false_positives_per_scan": 0.5, "sensitivity": 0.8}
+    (out / "v1-op.json").write_text(json.dumps(card))
+    return out / "v1-op.json"
+
+
+def test_an_operating_point_chosen_on_real_scans_is_promoted_without_a_reference_set(tmp_path, capsys):
+    """The same networks at another threshold rank alike (the same CPM): the reference set cannot judge it, the
+    real scans it was chosen on are named and recorded, and rollback returns to the old threshold."""
+    folder = _registry_dir(tmp_path, default=V1)
+    assert main(["train", "promote", str(_at_threshold(tmp_path, 0.9, ["1.2.3.4"])), "--models-dir", str(folder)]) == 0
+    assert "score threshold 0.9" in capsys.readouterr().out
     registry = _registry(folder)
     entry = registry.history[-1]
-    assert isinstance(entry, PromotionRecord) and not entry.accepted
-    assert entry.candidate_cpm == entry.current_cpm and entry.difference_ci == (0.0, 0.0)
-    assert entry.reference_digest == digest and registry.comparable(entry)
-    assert registry.default == V1
+    assert registry.default == "v1-op" and isinstance(entry, OperatingPointRecord)
+    assert (entry.threshold, entry.current, entry.tune_scans) == (0.9, V1, ["1.2.3.4"])
+    assert (folder / "v1-op.json").is_file() and registry.previous_default() == V1
+    assert main(["models", "rollback", "--reason", "too few marks", "--models-dir", str(folder)]) == 0
+    assert _registry(folder).default == V1
+
+
+def test_an_operating_point_chosen_on_phantoms_is_refused(tmp_path, capsys):
+    folder = _registry_dir(tmp_path, default=V1)
+    assert main(["train", "promote", str(_at_threshold(tmp_path, 0.9, [])), "--models-dir", str(folder)]) == 1
+    assert "chosen on phantoms" in capsys.readouterr().err and _registry(folder).default == V1
 
 
 # ---------------------------------------------------------------- models list and rollback

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lungnode.models.registry import DEFAULT_MODEL, MODELS_DIR, ModelSpec, load_installed, load_model
-from lungnode.models.registry_file import PromotionRecord, ReferenceSet, Registry, now
+from lungnode.models.registry_file import OperatingPointRecord, PromotionRecord, ReferenceSet, Registry, now
 from lungnode.training.eval_sets import EvalScan
 from lungnode.training.froc import PairedComparison
 from lungnode.training.reference_set import ReferenceSetError, checked_scans
@@ -80,17 +80,56 @@ def install(spec: ModelSpec, models_dir: Path) -> None:
             shutil.copy2(f, models_dir / f.name)
 
 
+def ranking(spec: ModelSpec) -> tuple:
+    """What decides a model's ranking of candidates: its networks and every inference setting but the
+    score threshold. Two models equal in it have the same FROC, so the same CPM."""
+    card, stage = spec.card, spec.card.second_stage
+    return (card.onnx_sha256, card.inference.model_copy(update={"score_threshold": 0.0}).model_dump(),
+            None if stage is None else (stage.onnx_sha256, stage.views, stage.weight, stage.min_detector_score,
+                                        stage.recentre_mm))
+
+
+def change_operating_point(spec: ModelSpec, current: ModelSpec, registry: Registry, models_dir: Path) -> int:
+    """A candidate that is the default at another threshold: accepted when the threshold was chosen on named
+    real scans (`train retune --tune-datalist`), never on phantoms alone; no reference set can judge it."""
+    threshold, scans = spec.card.inference.score_threshold, spec.card.data.tune_scans
+    if not scans:
+        print(f"lungnode train promote: {spec.info.name} is {current.info.name} at another score threshold "
+              f"({threshold:g} for {current.card.inference.score_threshold:g}), chosen on phantoms: choose it on real "
+              "scans the site has reviewed (`lungnode train retune --tune-datalist ... --max-fp-per-scan 1`)",
+              file=sys.stderr)
+        return 1
+    install(spec, models_dir)
+    registry.history.append(OperatingPointRecord(
+        candidate=spec.info.name, current=current.info.name, threshold=threshold,
+        current_threshold=current.card.inference.score_threshold, tune_scans=list(scans),
+        figures={k: v for k, v in spec.card.metrics.items() if isinstance(v, (int, float, str))}, at=now()))
+    registry.default = spec.info.name
+    registry.save(models_dir)
+    print(f"{spec.info.name}: {current.info.name}'s networks at score threshold {threshold:g} (was "
+          f"{current.card.inference.score_threshold:g}), chosen on {len(scans)} real series; the ranking is the same, "
+          f"so no reference-set comparison was needed: promoted")
+    return 0
+
+
 def promote(candidate: Path, against: str | None = None, models_dir: Path = MODELS_DIR) -> int:
     """Decide on the registered reference set, install and record; prints the verdict. Returns the exit
-    status: 0 promoted, 1 refused, 2 no usable reference set."""
+    status: 0 promoted, 1 refused, 2 no usable reference set. A candidate that differs from the default
+    only in its score threshold is an operating-point change (`change_operating_point`)."""
     registry = Registry.load(models_dir, DEFAULT_MODEL)
+    spec = load_model(str(candidate))
+    current = load_installed(against or registry.default, models_dir)
+    if ranking(spec) == ranking(current):
+        if spec.card.inference.score_threshold == current.card.inference.score_threshold:
+            print(f"lungnode train promote: {spec.info.name} ranks and thresholds as {current.info.name} does: "
+                  "nothing to promote", file=sys.stderr)
+            return 1
+        return change_operating_point(spec, current, registry, models_dir)
     try:
         reference, scans = checked_scans(registry)
     except ReferenceSetError as e:
         print(f"lungnode train promote: {e}", file=sys.stderr)
         return 2
-    spec = load_model(str(candidate))
-    current = load_installed(against or registry.default, models_dir)
     try:
         decision = decide(spec, current, scans, reference)
     except ValueError as e:  # no nodule in the set

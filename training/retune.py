@@ -17,6 +17,7 @@ point again for another false-positive budget. Then `train eval --update-card` o
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,10 +30,10 @@ from lungnode.inference.tta import mirror_views
 from lungnode.models.registry import ModelSpec, load_model, sha256_file
 from lungnode.models.retinanet import NetConfig
 from lungnode.training.eval_run import evaluate
-from lungnode.training.eval_sets import outline_note, phantom_scans, shape_settings
+from lungnode.training.eval_sets import datalist_scans, outline_note, phantom_scans, shape_settings
 from lungnode.training.export import check_apart, data_info, export_network, set_operating_point, training_info
 from lungnode.training.fit import TrainConfig
-from lungnode.training.rescorer_attach import choose_weight
+from lungnode.training.rescorer_attach import WEIGHTS, choose_weight
 from lungnode.training.synth import add_shape_arguments
 
 # What must not change between a model and a detector fine-tuned for it (the prepared image and the
@@ -60,8 +61,11 @@ def check_fine_tuned(source: ModelSpec, cfg: TrainConfig, ckpt: dict, checkpoint
 
 def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tuple[int, int],
            max_fp_per_scan: float | None, detector_checkpoint: Path | None = None, tuning=None,
-           first_stage_only: bool = False, second_stage_views: int | None = None) -> Path:
-    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own."""
+           first_stage_only: bool = False, second_stage_views: int | None = None,
+           tune_datalist: Path | None = None, tune_section: str = "training") -> Path:
+    """``tuning``: PhantomSettings of the tuning phantoms (real outlines), None for the generator's own;
+    ``tune_datalist``: real scans (e.g. a site's reviewed studies) that choose the operating point instead
+    of the phantoms, the fusion weight then kept: real scans are few, and choose one thing."""
     source = load_model(model)
     if second_stage_views is not None and (first_stage_only or source.card.second_stage is None):
         raise ValueError(f"--second-stage-views needs a second stage, and {source.info.name} would have none")
@@ -112,15 +116,23 @@ def retune(model: str, out: Path, version: str, inference: dict, eval_seeds: tup
     card_path = out.with_suffix(".json")
     card_path.write_text(card.model_dump_json(indent=2))
     detector = Detector(load_model(str(card_path)))
-    scans = phantom_scans(*eval_seeds, tuning)
+    scans = datalist_scans(tune_datalist, tune_section) if tune_datalist else phantom_scans(*eval_seeds, tuning)
+    where = (f"{len(scans)} real scans of {tune_datalist} [{tune_section}]" if tune_datalist
+             else f"phantoms {eval_seeds[0]}-{eval_seeds[1]}")
     if detector.rescorer is not None:
-        weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold)
-        print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on phantoms {eval_seeds[0]}-{eval_seeds[1]})")
+        weights = (card.second_stage.weight,) if tune_datalist else WEIGHTS
+        weight, outcome, cpms = choose_weight(detector, detector.rescorer, scans, card.inference.score_threshold, weights)
+        print(f"fusion weight {weight} (CPM {cpms[weight]:.4f} on {where})")
         card.second_stage.weight = weight
         card.second_stage.metrics.update({f"weight_selection_cpm_w{w:g}": round(c, 4) for w, c in cpms.items()})
     else:
         outcome = evaluate(detector, scans, bootstraps=0)
-    card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
+    if tune_datalist:
+        items = json.loads(Path(tune_datalist).read_text())[tune_section]  # an inserted copy names its source series
+        card.data.tune_scans = sorted({i.get("source_series") or i.get("series_uid") or i["image"] for i in items})
+        card.description += f"; operating point chosen on {where}"
+    else:
+        card.data.eval_seeds, card.data.eval_phantoms = list(eval_seeds), eval_seeds[1] - eval_seeds[0] + 1
     set_operating_point(card, outcome, max_fp_per_scan, card_path)
     print(f"wrote {card_path}, {card_path.with_suffix('.md')} and the network files beside them")
     return card_path
@@ -138,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
                          "--tta-axes and/or --second-stage-views")
     try:
         retune(args.model, args.out, args.version, inference, tuple(args.eval_seeds), args.max_fp_per_scan,
-               args.detector, shape_settings(args), args.first_stage_only, args.second_stage_views)
+               args.detector, shape_settings(args), args.first_stage_only, args.second_stage_views,
+               args.tune_datalist, args.tune_section)
     except ValueError as e:
         raise SystemExit(f"train retune: {e}") from e
     return 0
@@ -170,5 +183,9 @@ def add_command(tsub: argparse._SubParsersAction) -> None:
                    help="tuning phantoms that choose the fusion weight and threshold (inclusive)")
     p.add_argument("--max-fp-per-scan", type=float,
                    help="score threshold: the best sensitivity with at most this many FP/scan there, fewest FP for it")
+    p.add_argument("--tune-datalist", type=Path, metavar="DATALIST",
+                   help="choose the operating point on these real scans (the fusion weight kept) instead of the "
+                        "--eval-seeds phantoms; the card names them")
+    p.add_argument("--tune-section", default="training", help="the --tune-datalist section (default: training)")
     add_shape_arguments(p)  # tuning phantoms with the training patients' real outlines
     p.set_defaults(func=_run)
