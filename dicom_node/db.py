@@ -158,8 +158,8 @@ class JobDB:
         with self._lock:
             self._conn.close()
 
-    def _tx(self) -> "_Tx":
-        return _Tx(self)
+    def _tx(self) -> Transaction:
+        return Transaction(self._lock, self._conn)
 
     # --- receiving ---------------------------------------------------------------------------
     def record_instance(self, rec: InstanceRecord, now: float | None = None) -> bool:
@@ -426,21 +426,21 @@ def _delivery(row: sqlite3.Row) -> Delivery:
                     next_attempt=d["next_attempt"], last_error=d["last_error"])
 
 
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT under the DB lock; ROLLBACK on error."""
+class Transaction:
+    """BEGIN IMMEDIATE ... COMMIT on a shared connection under its lock; ROLLBACK on error."""
 
-    def __init__(self, db: JobDB) -> None:
-        self.db = db
+    def __init__(self, lock, conn: sqlite3.Connection) -> None:
+        self.lock, self.conn = lock, conn
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db._lock.acquire()
-        self.db._conn.execute("BEGIN IMMEDIATE")
-        return self.db._conn
+        self.lock.acquire()
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self.db._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
-            self.db._lock.release()
+            self.lock.release()
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from lungnode.dicom_node.db import Transaction
+
 Verdict = Literal["confirmed", "rejected"]
 CONFIRMED, REJECTED = get_args(Verdict)
 # Why a finding is not a nodule: the fixed list the page offers ("other" needs a free text).
@@ -171,7 +173,7 @@ class FeedbackStore:
             self._conn.close()
 
     def _tx(self):
-        return _Tx(self)
+        return Transaction(self._lock, self._conn)
 
     # --- writes (each one transaction, committed on return) ------------------------------------
     def set_verdict(self, v: FindingVerdict) -> FindingVerdict:
@@ -287,21 +289,3 @@ def _verdict(r: sqlite3.Row) -> FindingVerdict:
 def _added(r: sqlite3.Row) -> AddedNodule:
     return AddedNodule(r["id"], r["study_uid"], r["version"], (r["x_mm"], r["y_mm"], r["z_mm"]), r["diameter_mm"],
                        r["sop_uid"], Click(r["slice"], r["column_px"], r["row_px"]), r["user"], r["at"])
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock; ROLLBACK on error."""
-
-    def __init__(self, store: FeedbackStore) -> None:
-        self.store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.store._lock.acquire()
-        self.store._conn.execute("BEGIN IMMEDIATE")
-        return self.store._conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.store._lock.release()

@@ -49,14 +49,14 @@ def untrained_model(tmp_path) -> Path:
 
 
 def test_promotion_refuses_a_worse_model(untrained_model, tmp_path, capsys):
-    import shutil
 
     from lungnode.models.registry import MODELS_DIR
 
     registry_dir = tmp_path / "registry"  # a site's registry whose default is the shipped one
     registry_dir.mkdir()
-    shutil.copy(MODELS_DIR / REGISTRY_FILE, registry_dir / REGISTRY_FILE)
     shipped = json.loads((MODELS_DIR / REGISTRY_FILE).read_text())
+    shipped["reference_set"] = None  # the site registers its own
+    (registry_dir / REGISTRY_FILE).write_text(json.dumps(shipped))
     assert main(["train", "reference", "--phantoms", *HELD_OUT, "--models-dir", str(registry_dir)]) == 0
     code = main(["train", "promote", str(untrained_model), "--models-dir", str(registry_dir)])
     assert code == 1

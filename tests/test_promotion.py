@@ -82,16 +82,23 @@ def test_a_difference_of_rounding_is_no_win():
 # ---------------------------------------------------------------- the reference set
 
 
+SITE_DEFAULT = "lungnode-retina-cpu-v16"
+
+
 def _registry_dir(tmp_path: Path, default: str | None = None) -> Path:
-    """A site's registry folder: the shipped registry (history included), optionally another default."""
+    """A site's registry folder before it registered a reference set: the shipped history up to v16's
+    promotion (v16 over v15, v15 over v11, ...), v16 the default unless ``default`` is given."""
     folder = tmp_path / "registry"
     folder.mkdir()
-    shutil.copy(MODELS_DIR / REGISTRY_FILE, folder / REGISTRY_FILE)
-    if default:
-        registry = Registry.load(folder, default)
-        registry.default = default
-        registry.save(folder)
+    Registry(default=default or SITE_DEFAULT, history=site_history()).save(folder)
     return folder
+
+
+def site_history() -> list:
+    """The history a fresh `_registry_dir` starts with."""
+    shipped = Registry.load(MODELS_DIR, "none").history
+    return shipped[:max(i for i, e in enumerate(shipped)
+                        if isinstance(e, PromotionRecord) and e.accepted and e.candidate == SITE_DEFAULT) + 1]
 
 
 def _registry(folder: Path) -> Registry:
@@ -132,7 +139,7 @@ def test_promotion_refuses_without_a_reference_set(tmp_path, capsys):
     folder = _registry_dir(tmp_path)
     assert main(["train", "promote", str(MODELS_DIR / f"{V1}.json"), "--models-dir", str(folder)]) == 2
     assert "lungnode train reference" in capsys.readouterr().err
-    assert _registry(folder).history == _registry(MODELS_DIR).history
+    assert _registry(folder).history == site_history()
 
 
 @pytest.fixture()
@@ -163,7 +170,7 @@ def test_promotion_refuses_when_the_reference_data_changed(tmp_path, datalist, c
     datalist.write_text(datalist.read_text().replace("8, 8, 8", "9, 9, 9"))
     assert main(promote) == 2
     assert f"datalist {datalist}: changed" in capsys.readouterr().err
-    assert len(_registry(folder).history) == len(_registry(MODELS_DIR).history) + 1  # the registration only
+    assert len(_registry(folder).history) == len(site_history()) + 1  # the registration only
 
 
 def test_a_series_folder_digest_follows_its_files(tmp_path):
@@ -245,7 +252,7 @@ def test_models_list_marks_the_default_and_the_comparable_history(tmp_path, caps
     assert "yes (16 views)" in rows["lungnode-retina-cpu-v16"] and "0.9100" in rows["lungnode-retina-cpu-v16"]
     assert "0.8800" in rows["lungnode-retina-cpu-v15"]
     history = [line for line in out.splitlines() if line.startswith("20")]
-    assert sum("not comparable (other set)" in line for line in history) == len(_registry(MODELS_DIR).history)
+    assert sum("not comparable (other set)" in line for line in history) == len(site_history())
     assert "[reference set:" in history[-1] and "difference CI +0.0100 to +0.0500" in history[-1]
     assert "reference current set" in history[-2]
 
