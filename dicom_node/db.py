@@ -141,14 +141,9 @@ class JobDB:
     """Thread-safe access to the state database (one connection, serialised by a lock)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+        # NORMAL in WAL mode survives a process crash; after a power cut `reconcile` re-indexes files.
+        self._conn, self._lock = open_database(path, "NORMAL")
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; after a power cut `reconcile` re-indexes files.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(SCHEMA)
             columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(deliveries)")}
             if "kind" not in columns:  # a database from before RIS delivery: all its rows went to the PACS
@@ -424,6 +419,17 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     return Delivery(id=d["id"], study_uid=d["study_uid"], version=d["version"], destination=d["destination"],
                     kind=d["kind"], path=Path(d["path"]), state=d["state"], attempts=d["attempts"],
                     next_attempt=d["next_attempt"], last_error=d["last_error"])
+
+
+def open_database(path: Path, synchronous: str) -> tuple[sqlite3.Connection, threading.RLock]:
+    """One WAL-mode connection shared by the node's threads (autocommit: writes go through Transaction),
+    and the lock that serialises them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    return conn, threading.RLock()
 
 
 class Transaction:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
-from lungnode.dicom_node.db import Transaction
+from lungnode.dicom_node.db import Transaction, open_database
 
 Verdict = Literal["confirmed", "rejected"]
 CONFIRMED, REJECTED = get_args(Verdict)
@@ -159,13 +158,8 @@ class FeedbackStore:
     """Thread-safe access to the feedback database (one connection, serialised by a lock)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+        self._conn, self._lock = open_database(path, "FULL")  # a radiologist's work is not redone lightly
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")  # a radiologist's work is not redone lightly
             self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:
